@@ -1,0 +1,3 @@
+from aptguard.cli import main
+
+main()

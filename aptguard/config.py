@@ -1,0 +1,235 @@
+"""The TOML config of SPEC §1, checked whole before any network or disk work.
+
+Every error names the file, the key and what was expected, and raises UsageError (exit 2).
+Functions receive the parts of the config they need; nothing reads a global config.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aptguard.reasons import UsageError
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+RESERVED = frozenset({"snapshots", "pins", "status", "metrics"})
+# A suite, component, architecture or language is one path word of a repository.
+WORD_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]*$")
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """One upstream repository to mirror."""
+
+    name: str
+    url: str  # always ends with "/"
+    suites: tuple[str, ...]
+    components: tuple[str, ...]
+    architectures: tuple[str, ...]
+    keyring: Path
+    sources: bool = False
+    languages: tuple[str, ...] = ("en",)
+    contents: bool = False
+    policy: str = "immediate"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    data_dir: Path
+    listen: str = "127.0.0.1:8080"
+    keep_last: int = 5
+    keep_days: int = 14
+    valid_until_margin_hours: float = 48.0
+    key_expiry_margin_days: float = 30.0
+    stale_sync_hours: float = 48.0
+    upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
+
+
+def find_config(explicit: str | None) -> Path:
+    """--config, else $APTGUARD_CONFIG, else ./aptguard.toml."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("APTGUARD_CONFIG")
+    if env:
+        return Path(env)
+    return Path("aptguard.toml")
+
+
+class _Reader:
+    """Reads one table, remembering which keys were used so unknown ones are refused."""
+
+    def __init__(self, path: Path, where: str, table: Any) -> None:
+        self.path, self.where = path, where
+        if not isinstance(table, dict):
+            self.fail(where, f"a table, got {type(table).__name__}")
+        self.table: dict[str, Any] = table
+
+    def fail(self, key: str, expected: str, got: Any = None) -> None:
+        where = f"{self.where}.{key}" if self.where and key != self.where else (key or self.where)
+        got_text = "" if got is None else f", got {got!r}"
+        raise UsageError(f"{self.path}: {where}: expected {expected}{got_text}")
+
+    def take(self, key: str, kind: type | tuple[type, ...], default: Any, expected: str) -> Any:
+        if key not in self.table:
+            if default is _REQUIRED:
+                self.fail(key, f"{expected} (this key is required)")
+            return default
+        value = self.table[key]
+        if isinstance(value, bool) and kind is not bool:
+            self.fail(key, expected, value)
+        if not isinstance(value, kind):
+            self.fail(key, expected, value)
+        return value
+
+    def words(self, key: str, default: Any, *, allow_empty: bool = False) -> tuple[str, ...]:
+        value = self.take(key, list, default, "a list of names")
+        if value is None:
+            return ()
+        if not value and not allow_empty:
+            self.fail(key, "a non-empty list of names", value)
+        for item in value:
+            if not isinstance(item, str) or not WORD_RE.match(item):
+                self.fail(key, "names made of letters, digits and . _ + ~ -", item)
+        if len(set(value)) != len(value):
+            self.fail(key, "names without duplicates", value)
+        return tuple(value)
+
+    def done(self, known: set[str]) -> None:
+        unknown = sorted(set(self.table) - known)
+        if unknown:
+            where = f"[{self.where}]" if self.where else "the top level"
+            raise UsageError(
+                f"{self.path}: unknown key {unknown[0]!r} in {where}; known keys there: {', '.join(sorted(known))}"
+            )
+
+
+_REQUIRED = object()
+
+
+def load_config(path: Path) -> Config:
+    """Read and check the whole config; UsageError on the first problem."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"{path}: config file not found; pass --config PATH or set APTGUARD_CONFIG") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read the config file: {exc.strerror}") from None
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: not valid TOML: {exc}") from None
+    base = path.resolve().parent
+    top = _Reader(path, "", doc)
+    data_dir = top.take("data_dir", str, "aptguard-data", "a folder path (string)")
+    if not data_dir:
+        top.fail("data_dir", "a non-empty folder path", data_dir)
+
+    server = _Reader(path, "server", top.take("server", dict, {}, "a [server] table"))
+    listen = server.take("listen", str, "127.0.0.1:8080", "HOST:PORT")
+    parse_listen(listen, f"{path}: server.listen")
+    server.done({"listen"})
+
+    retention = _Reader(path, "retention", top.take("retention", dict, {}, "a [retention] table"))
+    keep_last = retention.take("keep_last", int, 5, "a whole number >= 1")
+    if keep_last < 1:
+        retention.fail("keep_last", "a whole number >= 1", keep_last)
+    keep_days = retention.take("keep_days", (int, float), 14, "a number of days >= 0")
+    if keep_days < 0:
+        retention.fail("keep_days", "a number of days >= 0", keep_days)
+    retention.done({"keep_last", "keep_days"})
+
+    warn = _Reader(path, "warnings", top.take("warnings", dict, {}, "a [warnings] table"))
+    margins = {}
+    for key, default in (("valid_until_hours", 48), ("key_expiry_days", 30), ("stale_sync_hours", 48)):
+        margins[key] = warn.take(key, (int, float), default, "a number >= 0")
+        if margins[key] < 0:
+            warn.fail(key, "a number >= 0", margins[key])
+    warn.done(set(margins))
+
+    upstreams: dict[str, UpstreamConfig] = {}
+    tables = top.take("upstreams", dict, {}, "[upstreams.NAME] tables")
+    for name, table in tables.items():
+        if not NAME_RE.match(name) or name in RESERVED:
+            raise UsageError(
+                f"{path}: [upstreams.{name}]: a name must match [a-z0-9][a-z0-9._-]* and not be one of "
+                f"{', '.join(sorted(RESERVED))}"
+            )
+        upstreams[name] = _upstream(path, base, name, table)
+    top.done({"data_dir", "server", "retention", "warnings", "upstreams"})
+    return Config(
+        path=path,
+        data_dir=(base / data_dir),
+        listen=listen,
+        keep_last=keep_last,
+        keep_days=keep_days,
+        valid_until_margin_hours=float(margins["valid_until_hours"]),
+        key_expiry_margin_days=float(margins["key_expiry_days"]),
+        stale_sync_hours=float(margins["stale_sync_hours"]),
+        upstreams=upstreams,
+    )
+
+
+def _upstream(path: Path, base: Path, name: str, table: Any) -> UpstreamConfig:
+    r = _Reader(path, f"upstreams.{name}", table)
+    url = r.take("url", str, _REQUIRED, "an http:// or https:// URL")
+    if not re.match(r"^https?://[^/\s]+(/\S*)?$", url):
+        r.fail("url", "an http:// or https:// URL", url)
+    suites = r.take("suites", list, _REQUIRED, "a non-empty list of suite names")
+    if not suites:
+        r.fail("suites", "a non-empty list of suite names", suites)
+    for suite in suites:
+        if not isinstance(suite, str) or not _suite_ok(suite):
+            r.fail("suites", 'suite names such as "bookworm" or "stable/updates", or "/" for a flat repository', suite)
+    if len(set(suites)) != len(suites):
+        r.fail("suites", "suite names without duplicates", suites)
+    flat = any(s.endswith("/") for s in suites)
+    components = r.words("components", [] if flat else _REQUIRED, allow_empty=flat)
+    if flat and components:
+        r.fail("components", 'an empty list for a flat repository (suites = ["/"])', list(components))
+    architectures = r.words("architectures", _REQUIRED)
+    keyring_text = r.take("keyring", str, _REQUIRED, "the path of a keyring file (.asc or .gpg)")
+    keyring = (base / keyring_text).resolve()
+    if not keyring.is_file():
+        r.fail("keyring", f"an existing keyring file; {keyring} does not exist", keyring_text)
+    if not os.access(keyring, os.R_OK):
+        r.fail("keyring", f"a readable keyring file; {keyring} cannot be read", keyring_text)
+    sources = r.take("sources", bool, False, "true or false")
+    languages = r.words("languages", ["en"], allow_empty=True)
+    contents = r.take("contents", bool, False, "true or false")
+    policy = r.take("policy", str, "immediate", '"immediate"')
+    if policy != "immediate":
+        r.fail("policy", '"immediate" (the only policy: every pool file is verified before promotion)', policy)
+    r.done({"url", "suites", "components", "architectures", "keyring", "sources", "languages", "contents", "policy"})
+    return UpstreamConfig(
+        name=name,
+        url=url if url.endswith("/") else url + "/",
+        suites=tuple(suites),
+        components=components,
+        architectures=architectures,
+        keyring=keyring,
+        sources=sources,
+        languages=languages,
+        contents=contents,
+        policy=policy,
+    )
+
+
+def _suite_ok(suite: str) -> bool:
+    """A suite is one or more path words ("bookworm", "bookworm/updates"), or a flat "DIR/"."""
+    if suite == "/":
+        return True
+    parts = suite[:-1].split("/") if suite.endswith("/") else suite.split("/")
+    return all(WORD_RE.match(p) for p in parts)
+
+
+def parse_listen(text: str, where: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"{where}: expected HOST:PORT such as 127.0.0.1:8080, got {text!r}")
+    return host.strip("[]"), int(port)

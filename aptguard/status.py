@@ -1,0 +1,89 @@
+"""What `status`, `/status`, the status page and the metrics report: one function, one shape."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aptguard.config import Config
+from aptguard.store import FileStore
+
+
+def _parse(when: str | None) -> datetime | None:
+    return datetime.fromisoformat(when) if when else None
+
+
+def _span(seconds: float) -> str:
+    if abs(seconds) >= 2 * 86400:
+        return f"{seconds / 86400:.1f} days"
+    return f"{seconds / 3600:.1f} h"
+
+
+def upstream_status(config: Config, store: FileStore, name: str, now: datetime | None = None) -> dict[str, Any]:
+    """Current snapshot, hold, last sync and the warnings an operator must act on before clients fail."""
+    now = now or datetime.now(UTC)
+    state = store.read_state(name)
+    current = store.current(name)
+    warnings: list[str] = []
+    suites: dict[str, Any] = {}
+    if current is not None:
+        try:
+            manifest = store.read_manifest(name, current)
+        except FileNotFoundError:
+            manifest = {"suites": {}}
+            warnings.append(f"current snapshot {current} has no manifest: run `aptguard fsck {name}`")
+        for suite, meta in manifest["suites"].items():
+            valid_until = _parse(meta.get("valid_until"))
+            left = (valid_until - now).total_seconds() if valid_until else None
+            suites[suite] = {"date": meta["date"], "valid_until": meta.get("valid_until"), "valid_until_seconds": left}
+            if left is not None and left < config.valid_until_margin_hours * 3600:
+                if left <= 0:
+                    warnings.append(
+                        f"{suite}: the served Release expired {_span(-left)} ago (Valid-Until {meta['valid_until']}); "
+                        "clients fail with 'Release file is expired' until a newer one is promoted"
+                    )
+                else:
+                    warnings.append(
+                        f"{suite}: the served Release expires in {_span(left)} (Valid-Until {meta['valid_until']}); "
+                        "a newer upstream Release must be synced before then"
+                    )
+    elif not state.get("last_sync"):
+        warnings.append("never synced: run `aptguard sync " + name + "`")
+    keys = []
+    for key in state.get("keys", []):
+        expires = _parse(key.get("expires"))
+        left = (expires - now).total_seconds() if expires else None
+        keys.append({**key, "expires_seconds": left})
+        if left is not None and left < config.key_expiry_margin_days * 86400:
+            verb = f"expired {_span(-left)} ago" if left <= 0 else f"expires in {_span(left)}"
+            warnings.append(
+                f"trusted key {key['fingerprint']} {verb}: get the upstream's renewed key into "
+                f"{config.upstreams[name].keyring if name in config.upstreams else 'the keyring'}"
+            )
+    last_success = _parse(state.get("last_success"))
+    if last_success is not None and now - last_success > timedelta(hours=config.stale_sync_hours):
+        warnings.append(
+            f"last successful sync {_span((now - last_success).total_seconds())} ago: check the sync timer and "
+            "the last sync's reason"
+        )
+    if state.get("hold"):
+        warnings.append(f"on hold since a rollback: syncs store but do not promote until `aptguard promote {name} ID`")
+    last = state.get("last_sync")
+    return {
+        "current": current,
+        "hold": bool(state.get("hold")),
+        "last_sync": (
+            {k: last.get(k) for k in ("outcome", "reason", "detail", "at")} | {"snapshot": last.get("snapshot")}
+            if last
+            else None
+        ),
+        "last_success": state.get("last_success"),
+        "previous": state.get("previous"),
+        "suites": suites,
+        "keys": keys,
+        "warnings": warnings,
+    }
+
+
+def status(config: Config, store: FileStore, now: datetime | None = None) -> dict[str, Any]:
+    return {"upstreams": {name: upstream_status(config, store, name, now) for name in config.upstreams}}

@@ -1,0 +1,542 @@
+"""One sync of one upstream: fetch -> verify -> store -> snapshot -> promote.
+
+Every decision about trust is delegated to verify.py; every byte written goes through store.py.
+A sync ends as `promoted`, `unchanged`, `stored` or `rejected` (with a reason code), and a
+rejected or interrupted sync changes nothing that clients are served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bz2
+import contextlib
+import gzip
+import hashlib
+import lzma
+import os
+import shutil
+import time
+import zlib
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aptguard import verify
+from aptguard.config import UpstreamConfig
+from aptguard.fetch import Download, Fetcher
+from aptguard.keyring import Keyring
+from aptguard.reasons import Rejected
+from aptguard.store import FileStore, Tree, new_snapshot_id, storage_error
+
+INRELEASE_LIMIT = 10_000_000  # apt's own cap on InRelease
+SIGNED_NAMES = ("InRelease", "Release", "Release.gpg")
+Log = Callable[[str], None]
+
+
+@dataclass
+class SyncResult:
+    name: str
+    outcome: str  # promoted | unchanged | stored | rejected
+    reason: str | None = None
+    detail: str = ""
+    snapshot: str | None = None
+    previous: str | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome != "rejected"
+
+
+@dataclass
+class _Suite:
+    """A suite's signed files as fetched, and the Release they carry once verified."""
+
+    name: str
+    signed: dict[str, Download]  # "InRelease" / "Release" / "Release.gpg" -> download
+    release: verify.TrustedRelease
+    unchanged: bool
+
+
+class _Snapshot:
+    """The files of the snapshot being assembled: path -> verified record, conflicts refused."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, dict[str, Any]] = {}
+
+    def add(self, path: str, record: dict[str, Any]) -> None:
+        old = self.files.get(path)
+        if old is not None and old["sha256"] != record["sha256"]:
+            raise Rejected(
+                "package-mismatch",
+                f"{path}: named twice with different content (SHA256 {old['sha256']} and {record['sha256']})",
+            )
+        self.files[path] = record
+
+
+def _record(size: int, hashes: dict[str, str]) -> dict[str, Any]:
+    return {"size": size, **hashes}
+
+
+async def sync_upstream(
+    up: UpstreamConfig,
+    store: FileStore,
+    *,
+    promote: bool = True,
+    allow_release_change: bool = False,
+    keyring: Keyring | None = None,
+    log: Log = lambda msg: None,
+    concurrency: int = 16,
+) -> SyncResult:
+    """Sync one upstream under its lock and record the outcome in its state.
+
+    `keyring` may be given already opened (the CLI checks every keyring before any work).
+    """
+    started = time.monotonic()
+    with store.lock(up.name, wait_message=f"{up.name}: waiting for another aptguard process to finish"):
+        work = store.tmp / f"sync+{up.name}+{os.getpid()}"
+        _discard_leftovers(store, up.name)
+        at = datetime.now(UTC)
+        try:
+            work.mkdir(parents=True)
+            with keyring or Keyring(up.keyring) as opened:
+                result = await _Sync(up, store, opened, work, log, concurrency).run(
+                    promote=promote, allow_release_change=allow_release_change
+                )
+        except Rejected as exc:
+            result = SyncResult(up.name, "rejected", exc.reason, exc.detail)
+        except OSError as exc:
+            result = SyncResult(up.name, "rejected", "storage-error", storage_error(exc, "local disk").detail)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        result.stats["seconds"] = round(time.monotonic() - started, 3)
+        _record_outcome(store, up, result, at)
+        return result
+
+
+def _discard_leftovers(store: FileStore, name: str) -> None:
+    """Under the lock, any tmp work of this upstream is from a process that died: remove it."""
+    if not store.tmp.is_dir():
+        return
+    for entry in store.tmp.iterdir():
+        if entry.name.startswith((f"sync+{name}+", f"build+{name}+")):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _record_outcome(store: FileStore, up: UpstreamConfig, result: SyncResult, at: datetime) -> None:
+    try:
+        state = store.read_state(up.name)
+        state["last_sync"] = {
+            "outcome": result.outcome,
+            "reason": result.reason,
+            "detail": result.detail,
+            "at": at.isoformat().replace("+00:00", "Z"),
+            "snapshot": result.snapshot,
+        }
+        if result.ok:
+            state["last_success"] = state["last_sync"]["at"]
+        if result.stats.get("keys") is not None:
+            state["keys"] = result.stats.pop("keys")
+        if result.outcome == "promoted":
+            state["previous"] = result.previous
+        store.write_state(up.name, state)
+    except OSError as exc:
+        if result.ok:
+            result.outcome, result.reason = "rejected", "storage-error"
+            result.detail = storage_error(exc, "state file").detail
+
+
+class _Sync:
+    def __init__(
+        self, up: UpstreamConfig, store: FileStore, keyring: Keyring, work: Path, log: Log, concurrency: int
+    ) -> None:
+        self.up = up
+        self.store = store
+        self.keyring = keyring
+        self.work = work
+        self.log = log
+        self.concurrency = concurrency
+        self.downloaded = 0
+
+    async def run(self, *, promote: bool, allow_release_change: bool) -> SyncResult:
+        up, store = self.up, self.store
+        state = store.read_state(up.name)
+        current_id = store.current(up.name)
+        ids = store.snapshot_ids(up.name)
+        newest = store.read_manifest(up.name, ids[-1]) if ids else None
+        current = store.read_manifest(up.name, current_id) if current_id else None
+        keys = [
+            {"fingerprint": k.fingerprint, "uid": k.uid, "expires": _iso(k.expires) if k.expires else None}
+            for k in self.keyring.keys
+        ]
+        now = datetime.now(UTC)
+
+        def bytes_in(n: int) -> None:
+            self.downloaded += n
+
+        async with Fetcher(up.url, self.work, concurrency=self.concurrency, on_bytes=bytes_in) as fetcher:
+            suites = await _gather(self._release(fetcher, s, newest, now) for s in up.suites)
+            if newest is not None and all(s.unchanged for s in suites):
+                self.log(f"{up.name}: unchanged (signed Release identical to snapshot {newest['id']})")
+                return SyncResult(
+                    up.name, "unchanged", snapshot=newest["id"], stats={"keys": keys, "requests": fetcher.requests}
+                )
+            previous = (current or {}).get("suites", {})
+            for s in suites:
+                if not s.unchanged:
+                    prev = previous.get(s.name)
+                    verify.check_against_current(
+                        s.release,
+                        verify.PreviousRelease.from_summary(prev) if prev else None,
+                        allow_release_change,
+                        f"{s.release.base}{'InRelease' if 'InRelease' in s.signed else 'Release'}",
+                    )
+            snap = _Snapshot()
+            pool: dict[str, verify.PoolFile] = {}
+            suite_meta: dict[str, Any] = {}
+            packages: dict[str, Any] = {}
+            own_by_hash: list[str] = []
+            for s in suites:
+                if s.unchanged:
+                    assert newest is not None
+                    self._reuse_suite(s.name, newest, snap, suite_meta, packages, own_by_hash)
+                    continue
+                self.log(
+                    f"{up.name}: {s.name}: Release of {verify.rfc_date(s.release.date)} verified "
+                    f"(signed by {', '.join(s.release.signers)})"
+                )
+                paths = await self._suite_files(fetcher, s, snap, pool, packages, own_by_hash)
+                suite_meta[s.name] = {
+                    **s.release.summary(),
+                    "signed": {n: d.hashes["sha256"] for n, d in s.signed.items()},
+                    "paths": paths,
+                }
+            known = _known_hashes(newest, current)
+            await self._fetch_pool(fetcher, pool, known, snap)
+            requests = fetcher.requests
+        if current is not None:
+            # Guarantee 2: a client that read the old InRelease just before promotion finds its
+            # by-hash indices in the new tree too.
+            for path in current.get("by_hash_own", []):
+                if path not in snap.files and path in current["files"]:
+                    snap.files[path] = current["files"][path]
+        snap_id = new_snapshot_id(set(store.snapshot_ids(up.name)))
+        manifest = {
+            "format": 1,
+            "id": snap_id,
+            "upstream": up.name,
+            "url": up.url,
+            "created": _iso(datetime.now(UTC)),
+            "suites": suite_meta,
+            "files": snap.files,
+            "by_hash_own": sorted(own_by_hash),
+            "packages": packages,
+            "count": len(snap.files),
+            "bytes": sum(r["size"] for r in snap.files.values()),
+        }
+        tree = store.new_tree(up.name, snap_id)
+        try:
+            await asyncio.to_thread(_link_all, tree, snap.files)
+            tree.commit(manifest)
+        except BaseException:
+            tree.abort()
+            raise
+        stats = {
+            "keys": keys,
+            "files": manifest["count"],
+            "bytes": manifest["bytes"],
+            "downloaded": self.downloaded,
+            "requests": requests,
+        }
+        held = bool(state.get("hold"))
+        if promote and not held:
+            store.set_current(up.name, snap_id)
+            self.log(f"{up.name}: promoted snapshot {snap_id} ({manifest['count']} files)")
+            return SyncResult(up.name, "promoted", snapshot=snap_id, previous=current_id, stats=stats)
+        why = "on hold (rollback): `aptguard promote` to serve it" if held else "--no-promote"
+        self.log(f"{up.name}: stored snapshot {snap_id}, not promoted: {why}")
+        return SyncResult(up.name, "stored", detail=why, snapshot=snap_id, stats=stats)
+
+    # ------------------------------------------------------------ Release
+
+    async def _release(self, fetcher: Fetcher, suite: str, newest: dict[str, Any] | None, now: datetime) -> _Suite:
+        base = verify.suite_base(suite)
+        old_signed = ((newest or {}).get("suites", {}).get(suite) or {}).get("signed", {})
+        signed: dict[str, Download] = {}
+        inrelease = await fetcher.fetch(base + "InRelease", limit=INRELEASE_LIMIT)
+        if inrelease is not None:
+            signed["InRelease"] = inrelease
+            if old_signed.get("InRelease") == inrelease.hashes["sha256"]:
+                text, signers = verify.verify_inrelease(inrelease.read(), self.keyring, base + "InRelease")
+                release = verify.check_release(text, signers, self.up, suite, now, base + "InRelease")
+                return _Suite(suite, signed, release, unchanged=True)
+        extra = await _gather(fetcher.fetch(base + name, limit=INRELEASE_LIMIT) for name in ("Release", "Release.gpg"))
+        for name, download in zip(("Release", "Release.gpg"), extra, strict=True):
+            if download is not None:
+                signed[name] = download
+        if inrelease is not None:
+            where = base + "InRelease"
+            text, signers = verify.verify_inrelease(inrelease.read(), self.keyring, where)
+            if "Release" in signed:
+                verify.signed_files_match(text, signed["Release"].read(), where)
+                if "Release.gpg" in signed:
+                    verify.verify_detached(
+                        signed["Release"].read(), signed["Release.gpg"].read(), self.keyring, base + "Release.gpg"
+                    )
+        else:
+            if "Release" not in signed or "Release.gpg" not in signed:
+                missing = " and ".join(n for n in ("Release", "Release.gpg") if n not in signed)
+                raise Rejected(
+                    "signature-missing",
+                    f"{fetcher.base_url}{base}: no InRelease, and no {missing} (HTTP 404)",
+                )
+            where = base + "Release.gpg"
+            text, signers = verify.verify_detached(
+                signed["Release"].read(), signed["Release.gpg"].read(), self.keyring, where
+            )
+        release = verify.check_release(text, signers, self.up, suite, now, where)
+        unchanged = bool(old_signed) and all(
+            old_signed.get(n) == (signed[n].hashes["sha256"] if n in signed else None) for n in SIGNED_NAMES
+        )
+        return _Suite(suite, signed, release, unchanged)
+
+    def _reuse_suite(
+        self,
+        suite: str,
+        newest: dict[str, Any],
+        snap: _Snapshot,
+        suite_meta: dict[str, Any],
+        packages: dict[str, Any],
+        own_by_hash: list[str],
+    ) -> None:
+        """A suite whose signed files did not change keeps exactly its files of the newest snapshot."""
+        meta = newest["suites"][suite]
+        suite_meta[suite] = meta
+        for path in meta["paths"]:
+            snap.add(path, newest["files"][path])
+        if suite in newest.get("packages", {}):
+            packages[suite] = newest["packages"][suite]
+        base = verify.suite_base(suite)
+        own_by_hash.extend(p for p in newest.get("by_hash_own", []) if p.startswith(base))
+
+    # ------------------------------------------------------------ indices
+
+    async def _suite_files(
+        self,
+        fetcher: Fetcher,
+        s: _Suite,
+        snap: _Snapshot,
+        pool: dict[str, verify.PoolFile],
+        packages: dict[str, Any],
+        own_by_hash: list[str],
+    ) -> list[str]:
+        release = s.release
+        paths: list[str] = []
+        for name, download in s.signed.items():
+            path = release.base + name
+            self.store.adopt(download.path, download.hashes["sha256"])
+            snap.add(path, _record(download.size, {"sha256": download.hashes["sha256"]}))
+            paths.append(path)
+        groups = verify.needed_indices(release, self.up)
+        fetched = await _gather(self._index(fetcher, release, g) for g in groups)
+        suite_packages: dict[str, dict[str, str]] = {}
+        for group, (present, entries) in zip(groups, fetched, strict=True):
+            for expected, download in present:
+                self.store.adopt(download.path, expected.hashes["sha256"])
+                snap.add(expected.path, _record(expected.size, expected.hashes))
+                paths.append(expected.path)
+                if release.by_hash:
+                    for hashed_path, _sha in verify.by_hash_paths(release, expected):
+                        verify.check_path(hashed_path, release.base + "Release")
+                        snap.add(hashed_path, _record(expected.size, expected.hashes))
+                        paths.append(hashed_path)
+                        own_by_hash.append(hashed_path)
+            if entries is not None:
+                verify.merge_pool(entries, pool)
+                if group.kind == "Packages":
+                    listing = suite_packages.setdefault(group.label, {})
+                    for entry in entries:
+                        listing[entry.package] = entry.version
+        packages[s.name] = suite_packages
+        paths.extend(e.expected.path for g in fetched if g[1] is not None for e in g[1])
+        return sorted(set(paths))
+
+    async def _index(
+        self, fetcher: Fetcher, release: verify.TrustedRelease, group: verify.IndexGroup
+    ) -> tuple[list[tuple[verify.Expected, Download]], list[verify.PoolFile] | None]:
+        """Fetch every listed variant of one index, check each, and parse it if it names pool files."""
+        downloads = await _gather(fetcher.fetch(v.path, limit=v.size, algos=v.hashes) for v in group.variants)
+        present = [(v, d) for v, d in zip(group.variants, downloads, strict=True) if d is not None]
+        if not present:
+            names = ", ".join(v.path.rsplit("/", 1)[-1] for v in group.variants)
+            raise Rejected(
+                "index-missing", f"{group.variants[0].path}: none of the listed variants ({names}) is on the upstream"
+            )
+        for expected, download in present:
+            expected.check(download.size, download.hashes, "index-mismatch")
+        if group.kind not in ("Packages", "Sources"):
+            return present, None
+        entries = await asyncio.to_thread(_parse_index, group, present)
+        return present, entries
+
+    # ------------------------------------------------------------ pool
+
+    async def _fetch_pool(
+        self,
+        fetcher: Fetcher,
+        pool: dict[str, verify.PoolFile],
+        known: dict[str, dict[str, Any]],
+        snap: _Snapshot,
+    ) -> None:
+        todo = list(pool.values())
+        missing: list[verify.PoolFile] = []
+        for entry in todo:
+            exp = entry.expected
+            sha = exp.hashes["sha256"]
+            if self.store.object_size(sha) == exp.size and _agrees(known.get(sha), exp):
+                snap.add(exp.path, _record(exp.size, exp.hashes))
+            else:
+                missing.append(entry)
+        # Objects on disk that no verified snapshot vouches for (a crash leftover, or listed with a
+        # hash type not seen before) are re-hashed before they are trusted.
+        recheck = [e for e in missing if self.store.object_size(e.expected.hashes["sha256"]) == e.expected.size]
+        if recheck:
+            results = await asyncio.to_thread(
+                lambda: [
+                    _hash_file(self.store.object_path(e.expected.hashes["sha256"]), e.expected.hashes) for e in recheck
+                ]
+            )
+            for entry, hashes in zip(recheck, results, strict=True):
+                if hashes == entry.expected.hashes:
+                    snap.add(entry.expected.path, _record(entry.expected.size, entry.expected.hashes))
+                    missing.remove(entry)
+        if missing:
+            total = sum(e.expected.size for e in missing)
+            self.log(f"{self.up.name}: fetching {len(missing)} pool files ({total} bytes)")
+
+        async def fetch_one(entry: verify.PoolFile) -> None:
+            exp = entry.expected
+            download = await fetcher.fetch(exp.path, limit=exp.size, algos=exp.hashes)
+            if download is None:
+                raise Rejected(
+                    "package-missing",
+                    f"{exp.path}: named by the index ({entry.package} {entry.version}) but absent upstream (HTTP 404)",
+                )
+            try:
+                exp.check(download.size, download.hashes, "package-mismatch")
+            except Rejected:
+                download.discard()
+                raise
+            self.store.adopt(download.path, exp.hashes["sha256"])
+            snap.add(exp.path, _record(exp.size, exp.hashes))
+
+        await _run_bounded(missing, fetch_one, self.concurrency)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _known_hashes(*manifests: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """sha256 -> every hash recorded for that content by verified snapshots."""
+    known: dict[str, dict[str, Any]] = {}
+    for manifest in manifests:
+        if manifest:
+            for record in manifest["files"].values():
+                known.setdefault(record["sha256"], {}).update(record)
+    return known
+
+
+def _agrees(record: dict[str, Any] | None, exp: verify.Expected) -> bool:
+    return record is not None and all(record.get(a) == h for a, h in exp.hashes.items())
+
+
+def _hash_file(path: Path, algos: Iterable[str]) -> dict[str, str]:
+    hashers = {a: hashlib.new(a) for a in algos}
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            for h in hashers.values():
+                h.update(chunk)
+    return {a: h.hexdigest() for a, h in hashers.items()}
+
+
+_DECOMPRESS: dict[str, Callable[[bytes], bytes]] = {
+    "": lambda data: data,
+    ".xz": lzma.decompress,
+    ".lzma": lzma.decompress,
+    ".gz": gzip.decompress,
+    ".bz2": bz2.decompress,
+}
+
+
+def _parse_index(group: verify.IndexGroup, present: list[tuple[verify.Expected, Download]]) -> list[verify.PoolFile]:
+    """Decompress every variant, require they all say the same, parse one (runs in a thread)."""
+    text: bytes | None = None
+    digest = None
+    for expected, download in present:
+        ext = _ext(expected.path)
+        if ext not in _DECOMPRESS:
+            continue
+        try:
+            data = _DECOMPRESS[ext](download.read())
+        except (OSError, EOFError, lzma.LZMAError, zlib.error, ValueError) as exc:
+            raise Rejected("index-mismatch", f"{expected.path}: cannot be decompressed ({exc})") from None
+        this = hashlib.sha256(data).hexdigest()
+        if group.plain is not None:
+            group.plain.check(len(data), _hashes_of(data, group.plain.hashes), "index-mismatch")
+        if digest is not None and this != digest:
+            raise Rejected("index-mismatch", f"{expected.path}: decompresses to other content than its siblings")
+        digest, text = this, data
+    if text is None:
+        raise Rejected("index-mismatch", f"{group.variants[0].path}: no variant in a compression aptguard reads")
+    decoded = text.decode("utf-8", errors="surrogateescape")
+    where = group.variants[0].path
+    if group.kind == "Packages":
+        return list(verify.packages_entries(decoded, where))
+    return list(verify.sources_entries(decoded, where))
+
+
+def _ext(path: str) -> str:
+    name = path.rsplit("/", 1)[-1]
+    for ext in verify.COMPRESSIONS[1:]:
+        if name.endswith(ext):
+            return ext
+    return ""
+
+
+def _hashes_of(data: bytes, algos: Iterable[str]) -> dict[str, str]:
+    return {a: hashlib.new(a, data).hexdigest() for a in algos}
+
+
+def _link_all(tree: Tree, files: dict[str, dict[str, Any]]) -> None:
+    for path, record in files.items():
+        tree.link(path, record["sha256"])
+
+
+async def _gather(aws: Iterable[Awaitable[Any]]) -> list[Any]:
+    """Run together; the first failure cancels the rest and is raised as itself."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def _run_bounded(items: Iterable[Any], job: Callable[[Any], Awaitable[None]], workers: int) -> None:
+    """A fixed set of workers over a list of jobs: memory stays flat for 60,000 files."""
+    queue = iter(items)
+
+    async def worker() -> None:
+        for item in queue:
+            await job(item)
+
+    await _gather(worker() for _ in range(workers))
+
+
+def _iso(when: datetime) -> str:
+    return when.astimezone(UTC).isoformat().replace("+00:00", "Z")
