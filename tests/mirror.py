@@ -1,0 +1,187 @@
+"""Drive aptguard the way an operator does: a config file, the CLI, and its HTTP server.
+
+`Mirror` runs the real `aptguard` command in a subprocess (exit codes and output as users see
+them) and the real embedded server, and reads back everything it serves for byte comparisons.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    raise TypeError(value)
+
+
+class Mirror:
+    """An aptguard instance under `workdir`: config, data folder, CLI and server."""
+
+    def __init__(self, workdir: Path, upstreams: dict[str, dict[str, Any]] | None = None, **top: Any) -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config = workdir / "aptguard.toml"
+        self.upstreams: dict[str, dict[str, Any]] = dict(upstreams or {})
+        self.top: dict[str, Any] = {"data_dir": "data", **top}
+        self.server: subprocess.Popen[bytes] | None = None
+        self.port: int | None = None
+        self.write_config()
+
+    @property
+    def data(self) -> Path:
+        return self.workdir / str(self.top["data_dir"])
+
+    def write_config(self) -> None:
+        lines = []
+        tables: dict[str, dict[str, Any]] = {}
+        for key, value in self.top.items():
+            if isinstance(value, dict):
+                tables[key] = value
+            else:
+                lines.append(f"{key} = {_toml(value)}")
+        for table, values in tables.items():
+            lines.append(f"\n[{table}]")
+            lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
+        for name, values in self.upstreams.items():
+            lines.append(f"\n[upstreams.{name}]")
+            lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
+        self.config.write_text("\n".join(lines) + "\n")
+
+    # ------------------------------------------------------------ CLI
+
+    def run(self, *args: str, fsize_limit: int | None = None, timeout: float = 180) -> Run:
+        """`aptguard --config CONFIG ARGS`; `fsize_limit` caps file sizes (RLIMIT_FSIZE) like a full disk."""
+
+        def limit() -> None:
+            if fsize_limit is not None:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))
+
+        env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+        env.pop("APTGUARD_CONFIG", None)
+        proc = subprocess.run(
+            [sys.executable, "-m", "aptguard", "--config", str(self.config), *args],
+            cwd=self.workdir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            preexec_fn=limit,
+            check=False,
+        )
+        return Run(proc.returncode, proc.stdout, proc.stderr)
+
+    def sync(self, *args: str, **kw: Any) -> Run:
+        return self.run("sync", *args, **kw)
+
+    def status(self) -> dict[str, Any]:
+        run = self.run("status", "--json")
+        assert run.returncode == 0, run.output
+        return json.loads(run.stdout)
+
+    def last_sync(self, name: str) -> dict[str, Any]:
+        return self.status()["upstreams"][name]["last_sync"]
+
+    def snapshots(self, name: str) -> list[dict[str, Any]]:
+        run = self.run("snapshots", name, "--json")
+        assert run.returncode == 0, run.output
+        return json.loads(run.stdout)
+
+    def current(self, name: str) -> str | None:
+        return self.status()["upstreams"][name]["current"]
+
+    # ------------------------------------------------------------ server
+
+    @property
+    def url(self) -> str:
+        assert self.port is not None, "start_server() first"
+        return f"http://127.0.0.1:{self.port}"
+
+    def start_server(self) -> str:
+        self.port = free_port()
+        self.server = subprocess.Popen(
+            [sys.executable, "-m", "aptguard", "--config", str(self.config), "serve", "--listen", f"127.0.0.1:{self.port}"],
+            cwd=self.workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.url}/status", timeout=1).read()
+                return self.url
+            except OSError:
+                if self.server.poll() is not None:
+                    raise RuntimeError("aptguard serve exited") from None
+                time.sleep(0.05)
+        raise RuntimeError("aptguard serve did not answer within 20 s")
+
+    def stop_server(self) -> None:
+        if self.server is not None:
+            self.server.terminate()
+            try:
+                self.server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.server.kill()
+            self.server = None
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        """GET a path of the server: (status, body)."""
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=30) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def served(self, name: str) -> dict[str, bytes]:
+        """Every file the server serves under /NAME/, fetched over HTTP: the client's view."""
+        tree = self.data / "current" / name
+        found: dict[str, bytes] = {}
+        if not tree.exists():
+            return found
+        for path in sorted(tree.rglob("*")):
+            if path.is_file():
+                rel = path.relative_to(tree).as_posix()
+                status, body = self.get(f"/{name}/{rel}")
+                assert status == 200, f"/{name}/{rel}: HTTP {status}"
+                found[rel] = body
+        return found
+
+    def source_line(self, name: str, suite: str, components: list[str], keyring: Path) -> str:
+        return f"deb [signed-by={keyring}] {self.url}/{name} {suite} {' '.join(components)}".rstrip()
