@@ -2,10 +2,10 @@
 VENV   ?= .venv
 PYTHON ?= python3
 BIN     = $(VENV)/bin
-# Debian packages the tests and the demo use (real gpg, real dpkg-deb, real apt, real nginx).
-DEBS    = gnupg dpkg apt xz-utils nginx-light curl
+# Debian packages the tests and the demo use (real gpg, real dpkg-deb, real apt, real nginx, real chromium).
+DEBS    = gnupg dpkg apt xz-utils nginx-light curl dpkg-dev chromium
 
-.PHONY: setup debs demo test lint clean
+.PHONY: setup debs demo test lint clean bench
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,16 @@ lint: setup
 
 test: setup debs lint
 	$(BIN)/pytest -q
+
+# Benchmarks (docs/bench.md): sync against aptly, apt-mirror2 and the floor; a full-size index; promote.
+# BENCH_ARGS="--runs 5 --shapes small" narrows the sync one. Needs root or aptly/nginx installed.
+PEERS = bench/.venv-peers
+bench: setup debs
+	@command -v aptly >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq aptly >/dev/null; } || { echo "please install aptly"; exit 1; }
+	@[ -x $(PEERS)/bin/apt-mirror ] || { $(PYTHON) -m venv $(PEERS) && $(PEERS)/bin/pip install -q apt-mirror; }
+	$(BIN)/python bench/sync_vs_aptly.py --results bench/RESULTS.md $(BENCH_ARGS)
+	$(BIN)/python bench/parse_index.py --deb822 --results bench/RESULTS.md
+	$(BIN)/python bench/promote.py --results bench/RESULTS.md
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache

@@ -81,11 +81,16 @@ def sync(
     allow_release_change: Annotated[
         bool, typer.Option("--allow-release-change", help="accept an Origin, Label or Codename change")
     ] = False,
+    log_format: Annotated[
+        str, typer.Option("--log-format", help="text, or json: one JSON object per line for log collectors")
+    ] = "text",
 ) -> None:
     """Fetch, verify, store and promote a new snapshot of every (or each named) upstream."""
     from aptguard.keyring import Keyring
     from aptguard.sync import sync_upstream
 
+    if log_format not in ("text", "json"):
+        _fail(f"--log-format: expected text or json, got {log_format!r}")
     config, store = _load(ctx)
     selected = [_upstream(config, n) for n in names] if names else list(config.upstreams.values())
     if not selected:
@@ -102,8 +107,9 @@ def sync(
         except OSError as exc:
             _fail(f"{config.path}: data_dir {config.data_dir}: {exc.strerror}; check the path and its permissions", 1)
 
-        def log(message: str) -> None:
-            typer.echo(message, err=True)
+        progress = _sync_progress(log_format, [up.name for up in selected])
+        stack.callback(progress.close)
+        log = progress.log
 
         async def run_all() -> list[Any]:
             results = []
@@ -116,20 +122,31 @@ def sync(
                         allow_release_change=allow_release_change,
                         keyring=keyrings[up.name],
                         log=log,
+                        progress=progress,
                     )
                 )
+                progress.end(up.name)
             return results
 
         results = asyncio.run(run_all())
     failed = False
     for r in results:
         stats = r.stats
-        if r.outcome == "rejected":
+        if log_format == "json":
+            failed = failed or r.outcome == "rejected"
+            _json_result(store, r)
+        elif r.outcome == "rejected":
             failed = True
             typer.echo(f"{r.name}: rejected [{r.reason}] {r.detail}")
             typer.echo(f"{r.name}:   what to do: {ADVICE[r.reason]}; clients keep the previous snapshot")
         elif r.outcome == "unchanged":
-            typer.echo(f"{r.name}: unchanged, current snapshot {r.snapshot} ({stats.get('seconds')} s)")
+            current = store.current(r.name)
+            where = (
+                f"current snapshot {current}"
+                if current == r.snapshot
+                else f"newest snapshot {r.snapshot}, current {current}"
+            )
+            typer.echo(f"{r.name}: unchanged, {where} ({stats.get('seconds')} s)")
         else:
             size = stats.get("bytes", 0) / 1e6
             got = stats.get("downloaded", 0) / 1e6
@@ -137,6 +154,7 @@ def sync(
                 f"{r.name}: {r.outcome} {r.snapshot}: {stats.get('files')} files, {size:.1f} MB "
                 f"({got:.1f} MB downloaded) in {stats.get('seconds')} s" + (f"; {r.detail}" if r.detail else "")
             )
+            _print_changes(store, r.name, r.previous if r.outcome == "promoted" else store.current(r.name), r.snapshot)
     raise typer.Exit(1 if failed else 0)
 
 
@@ -217,9 +235,357 @@ def promote(ctx: typer.Context, name: str, snap_id: Annotated[str, typer.Argumen
     typer.echo(f"{name}: current is now {snap_id} (was {old or 'none'}); hold cleared")
 
 
+@app.command("nginx-config")
+def nginx_config(
+    ctx: typer.Context,
+    listen: Annotated[str, typer.Option("--listen", help="nginx's listen address (HOST:PORT or PORT)")] = "80",
+    backend: Annotated[
+        str | None,
+        typer.Option("--backend", help="`aptguard serve` for /, /status, /metrics (default: [server] listen)"),
+    ] = None,
+    runtime_dir: Annotated[
+        str, typer.Option("--runtime-dir", help="pid, logs and temp files of a standalone nginx")
+    ] = "/run/aptguard-nginx",
+    user: Annotated[str | None, typer.Option("--user", help="user the nginx workers run as")] = None,
+    server_only: Annotated[
+        bool, typer.Option("--server-only", help="print only the server block (for /etc/nginx/conf.d)")
+    ] = False,
+) -> None:
+    """Print an nginx config that serves this mirror's URLs from its data folder (see docs/serving.md)."""
+    from pathlib import Path
+
+    from aptguard.nginx import render
+
+    config, _store = _load(ctx)
+    typer.echo(
+        render(
+            config.data_dir,
+            listen,
+            backend or config.listen,
+            Path(runtime_dir),
+            user=user,
+            server_only=server_only,
+        ),
+        nl=False,
+    )
+
+
+# ---------------------------------------------------------------- operating the mirror (issue 3)
+
+
+@app.command()
+def rollback(
+    ctx: typer.Context,
+    name: str,
+    to: Annotated[str | None, typer.Option("--to", metavar="ID", help="roll back to this snapshot instead")] = None,
+) -> None:
+    """Make the previously current snapshot current again, and hold the upstream until `promote`."""
+    from aptguard.snapshot import Refused
+    from aptguard.snapshot import rollback as do_rollback
+
+    config, store = _load(ctx)
+    _upstream(config, name)
+    try:
+        old, now = do_rollback(store, name, to)
+    except Refused as exc:
+        _fail(str(exc), 1)
+    typer.echo(f"{name}: current is now {now} (was {old or 'none'}); on hold: syncs store but do not promote")
+    typer.echo(
+        f"{name}:   hosts that already fetched the newer lists keep them (apt ignores an older Release); "
+        f"point them at /snapshots/{name}/{now}/ or a pin. `aptguard promote {name} ID` ends the hold."
+    )
+
+
+@app.command()
+def pin(
+    ctx: typer.Context,
+    pin_name: Annotated[str, typer.Argument(metavar="PIN")],
+    name: str,
+    snap_id: Annotated[str, typer.Argument(metavar="ID")],
+) -> None:
+    """Give one snapshot a stable URL, /pins/PIN/ (for CI); pinned snapshots are never collected."""
+    from aptguard.snapshot import pin as do_pin
+
+    config, store = _load(ctx)
+    _upstream(config, name)
+    try:
+        old = do_pin(store, pin_name, name, snap_id)
+    except UsageError as exc:
+        _fail(str(exc))
+    moved = f" (moved from {old[0]}/{old[1]})" if old and old != (name, snap_id) else ""
+    typer.echo(f"pin {pin_name}: {name}/{snap_id}{moved}; served at /pins/{pin_name}/")
+
+
+@app.command()
+def unpin(ctx: typer.Context, pin_name: Annotated[str, typer.Argument(metavar="PIN")]) -> None:
+    """Remove a pin; its snapshot is then kept only if retention or another reference wants it."""
+    from aptguard.snapshot import unpin as do_unpin
+
+    _config, store = _load(ctx)
+    try:
+        name, snap_id = do_unpin(store, pin_name)
+    except UsageError as exc:
+        _fail(str(exc))
+    typer.echo(f"pin {pin_name} removed (was {name}/{snap_id})")
+
+
+def _snapshot_ref(store: FileStore, name: str, ref: str) -> str:
+    """A snapshot id, or `current` / `previous` (the rollback target)."""
+    from aptguard.snapshot import require_snapshot
+
+    if ref == "current":
+        found = store.current(name)
+    elif ref == "previous":
+        found = store.read_state(name).get("previous")
+    else:
+        found = ref
+    if found is None:
+        _fail(f"upstream {name!r} has no {ref} snapshot")
+    try:
+        require_snapshot(store, name, found)
+    except UsageError as exc:
+        _fail(str(exc))
+    return found
+
+
+@app.command()
+def diff(
+    ctx: typer.Context,
+    name: str,
+    old: Annotated[str, typer.Argument(metavar="A", help="snapshot id, `current` or `previous`")],
+    new: Annotated[str, typer.Argument(metavar="B", help="snapshot id, `current` or `previous`")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Packages added, removed, upgraded and downgraded from snapshot A to B, per suite, component and arch."""
+    from aptguard.diff import detail_lines
+    from aptguard.diff import diff as build
+
+    config, store = _load(ctx)
+    _upstream(config, name)
+    changes = build(store, name, _snapshot_ref(store, name, old), _snapshot_ref(store, name, new))
+    if as_json:
+        _print_json(changes)
+        return
+    lines = detail_lines(changes)
+    typer.echo("\n".join(lines) if lines else f"{name}: no package changes from {changes['from']} to {changes['to']}")
+
+
+def _print_changes(store: FileStore, name: str, old: str | None, new: str) -> None:
+    """After a sync: one count line per suite and component/arch for what it stored."""
+    from aptguard.diff import count_lines
+    from aptguard.diff import diff as build
+
+    try:
+        lines = count_lines(build(store, name, old, new))
+    except (OSError, ValueError) as exc:
+        typer.echo(f"{name}:   (no package summary: {exc})")
+        return
+    for line in lines or ["no package changes"]:
+        typer.echo(f"{name}:   {line}")
+
+
+@app.command()
+def gc(
+    ctx: typer.Context,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="say what would go, delete nothing")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Apply [retention], then delete every stored file that no snapshot uses."""
+    from aptguard.gc import collect
+
+    config, store = _load(ctx)
+    if not store.root.is_dir():
+        typer.echo(f"gc: {store.root} does not exist yet; nothing to collect")
+        return
+    store.ensure()
+    report = collect(config, store, dry_run=dry_run, log=lambda m: None if as_json else typer.echo(m))
+    if as_json:
+        _print_json(report)
+        return
+    verb = "would remove" if dry_run else "removed"
+    for snap in report["removed"]:
+        typer.echo(
+            f"gc: {verb} snapshot {snap['upstream']}/{snap['id']} (created {snap['created']}, "
+            f"{snap['files']} files, {snap['bytes']} bytes)"
+        )
+    for name, kept in report["kept"].items():
+        for snap_id, why in kept.items():
+            typer.echo(f"gc: kept {name}/{snap_id}: {', '.join(why)}")
+    if dry_run and report["leftovers"]:
+        typer.echo(f"gc: would discard {len(report['leftovers'])} leftovers of interrupted runs")
+    mb = report["bytes"] / 1e6
+    typer.echo(f"gc: {verb} {report['objects']} unused stored files; {report['bytes']} bytes ({mb:.1f} MB) freed")
+
+
+@app.command()
+def fsck(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Argument(help="one upstream (default: all)")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Re-hash everything stored against what was verified; exit 1 naming each damaged file."""
+    from aptguard.fsck import check
+    from aptguard.gc import upstream_names
+
+    config, store = _load(ctx)
+    names = [_upstream(config, name).name] if name else upstream_names(config, store)
+    report = check(store, names)
+    if as_json:
+        _print_json(report)
+    else:
+        for damage in report["damaged"]:
+            typer.echo(f"damaged: {damage['path']}: {damage['problem']}")
+        if report["leftovers"]:
+            typer.echo(
+                f"note: {len(report['leftovers'])} leftovers of interrupted runs "
+                f"({', '.join(report['leftovers'][:3])}{', ...' if len(report['leftovers']) > 3 else ''}); "
+                "not damage: nothing serves them, and the next sync or gc discards them"
+            )
+        summary = f"{report['snapshots']} snapshots, {report['files']} files, {report['bytes']} bytes checked"
+        if report["damaged"]:
+            typer.echo(
+                f"fsck: {len(report['damaged'])} problems; {summary}. Damaged files no longer hold what was verified "
+                "and clients fail on them: restore the data folder from a backup, or remove the affected snapshots "
+                "and their objects, then sync again"
+            )
+        else:
+            typer.echo(f"fsck: clean; {summary}")
+    raise typer.Exit(1 if report["damaged"] else 0)
+
+
+@app.command()
+def sources(
+    ctx: typer.Context,
+    name: str,
+    snapshot: Annotated[str | None, typer.Option("--snapshot", metavar="ID", help="a fixed snapshot")] = None,
+    pin_name: Annotated[str | None, typer.Option("--pin", metavar="PIN", help="a pinned snapshot")] = None,
+    base_url: Annotated[
+        str | None, typer.Option("--base-url", help="how clients reach this mirror (default: from [server] listen)")
+    ] = None,
+    signed_by: Annotated[
+        str | None, typer.Option("--signed-by", help="keyring path on the clients (default: the upstream keyring)")
+    ] = None,
+) -> None:
+    """Print a deb822 .sources stanza for clients of this mirror."""
+    from aptguard.snapshot import require_snapshot
+    from aptguard.sources import default_base_url, stanza
+
+    config, store = _load(ctx)
+    up = _upstream(config, name)
+    if snapshot and pin_name:
+        _fail("give --snapshot or --pin, not both")
+    base = (base_url or default_base_url(config.listen)).rstrip("/")
+    manifest = None
+    if snapshot:
+        try:
+            require_snapshot(store, name, snapshot)
+        except UsageError as exc:
+            _fail(str(exc))
+        uri = f"{base}/snapshots/{name}/{snapshot}"
+        manifest = store.read_manifest(name, snapshot)
+    elif pin_name:
+        target = store.pin_target(pin_name)
+        if target is None:
+            _fail(f"no pin named {pin_name!r} (pins: {', '.join(store.pins()) or 'none'})")
+        if target[0] != name:
+            _fail(f"pin {pin_name} is a snapshot of {target[0]}, not of {name}")
+        uri = f"{base}/pins/{pin_name}"
+        manifest = store.read_manifest(*target)
+    else:
+        uri = f"{base}/{name}"
+    typer.echo(stanza(up, uri, fixed_manifest=manifest, signed_by=signed_by), nl=False)
+
+
+def _sync_progress(log_format: str, names: list[str]) -> Any:
+    """A bar on a terminal; plain phase lines otherwise; JSON lines for log collectors."""
+    if log_format == "json":
+        from aptguard.progress import JsonLog
+
+        return JsonLog(names)
+    if sys.stderr.isatty():
+        from aptguard.progress import terminal_progress
+
+        return terminal_progress(names)
+    from aptguard.progress import Progress
+
+    return Progress()
+
+
+def _json_result(store: FileStore, r: Any) -> None:
+    """One JSON object per upstream on stdout: the outcome, and for a new snapshot its package changes."""
+    from datetime import UTC, datetime
+
+    record: dict[str, Any] = {
+        "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "event": "result",
+        "upstream": r.name,
+        "outcome": r.outcome,
+        "reason": r.reason,
+        "detail": r.detail,
+        "snapshot": r.snapshot,
+        **{k: v for k, v in r.stats.items() if k in ("files", "bytes", "downloaded", "seconds")},
+    }
+    if r.outcome in ("promoted", "stored") and r.snapshot:
+        from aptguard.diff import count_lines
+        from aptguard.diff import diff as build
+
+        base = r.previous if r.outcome == "promoted" else store.current(r.name)
+        record["changes"] = count_lines(build(store, r.name, base, r.snapshot))
+    typer.echo(json.dumps(record))
+
+
+def _plain_sync_args(argv: list[str]) -> dict[str, Any] | None:
+    """The arguments of a plain `[--config F] sync [--no-promote] [--allow-release-change]
+    [--log-format F] [NAME...]` or `[--config F] promote NAME ID`, or None for anything else
+    (help, another command, an unknown option), which typer parses. Start-up is part of every
+    sync: typer's parameter handling imports pydantic (about 0.15 s, a third of a no-op sync),
+    so these two call their command functions directly."""
+    args: dict[str, Any] = {"config": None, "names": [], "no_promote": False, "allow_release_change": False}
+    args["log_format"] = "text"
+    words = iter(argv)
+    command = False
+    for word in words:
+        key, eq, value = word.partition("=")
+        if not command and key in ("--config", "-c"):
+            args["config"] = value if eq else next(words, None)
+            if args["config"] is None:
+                return None
+        elif not command and word == "sync":
+            command = True
+        elif (
+            not command
+            and word == "promote"
+            and len(rest := [w for w in words]) == 2
+            and "-" not in rest[0][:1] + rest[1][:1]
+        ):
+            return {"command": "promote", "config": args["config"], "name": rest[0], "snap_id": rest[1]}
+        elif command and word in ("--no-promote", "--allow-release-change"):
+            args[word[2:].replace("-", "_")] = True
+        elif command and key == "--log-format":
+            args["log_format"] = value if eq else next(words, None)
+            if args["log_format"] is None:
+                return None
+        elif command and word and not word.startswith("-"):
+            args["names"].append(word)
+        else:
+            return None
+    return args if command else None
+
+
 def main() -> None:
     try:
-        app()
+        plain = _plain_sync_args(sys.argv[1:])
+        if plain is None:
+            app()
+        else:
+            obj = type("Ctx", (), {"obj": _Context(plain.pop("config"))})()  # what commands read of their context
+            try:
+                if plain.pop("command", None) == "promote":
+                    promote(obj, **plain)  # type: ignore[arg-type]
+                else:
+                    sync(obj, plain.pop("names") or None, **plain)  # type: ignore[arg-type]
+            except typer.Exit as exc:
+                sys.exit(exc.exit_code)
     except UsageError as exc:
         typer.echo(f"aptguard: {exc}", err=True)
         sys.exit(2)

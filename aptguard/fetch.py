@@ -14,13 +14,20 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-
-import aiofiles
-import aiohttp
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from aptguard.reasons import Rejected
 
+if TYPE_CHECKING:
+    import aiohttp
+
 CHUNK = 256 * 1024
+# Bytes gathered before they are written and hashed in a worker thread: the hashing (every
+# listed algorithm, GIL released) runs on the other core while the loop receives, with one
+# thread hop per 512 KiB rather than three per chunk.
+FLUSH = 512 * 1024
+INLINE = 16 * 1024  # a body this small is cheaper to hash and write than to hand to a thread
+REDIRECTS = 5
 HASHLIB_NAMES = {"md5": "md5", "sha1": "sha1", "sha256": "sha256", "sha512": "sha512"}
 
 
@@ -62,7 +69,8 @@ class Fetcher:
         self.tmp_dir = tmp_dir
         self.attempts = attempts
         self.backoff = backoff
-        self.timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=read_timeout)
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
         self.concurrency = concurrency
         self.on_bytes = on_bytes
         self._slots = asyncio.Semaphore(concurrency)
@@ -71,21 +79,34 @@ class Fetcher:
         self.requests = 0
 
     async def __aenter__(self) -> Fetcher:
-        self._session = aiohttp.ClientSession(
-            timeout=self.timeout,
-            connector=aiohttp.TCPConnector(limit=self.concurrency),
-            auto_decompress=False,  # bytes exactly as upstream signed them
-            headers={"User-Agent": "aptguard"},
-        )
         return self
+
+    def _open_session(self) -> aiohttp.ClientSession:
+        """The aiohttp session, opened at the first bulk fetch: importing aiohttp costs about
+        0.1 s (it loads the CA store), and a sync that finds its Release unchanged needs none."""
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, connect=self.connect_timeout, sock_read=self.read_timeout),
+                connector=aiohttp.TCPConnector(limit=self.concurrency),
+                read_bufsize=256 * 1024,  # fewer pauses of the socket while a worker thread hashes
+                auto_decompress=False,  # bytes exactly as upstream signed them
+                headers={"User-Agent": "aptguard"},
+            )
+        return self._session
 
     async def __aexit__(self, *exc: object) -> None:
         if self._session is not None:
             await self._session.close()
 
-    async def fetch(self, rel: str, *, limit: int, algos: Iterable[str] = ("sha256",)) -> Download | None:
+    async def fetch(
+        self, rel: str, *, limit: int, algos: Iterable[str] = ("sha256",), light: bool = False
+    ) -> Download | None:
         """Download `rel` into a temp file, hashing with `algos`; None when upstream says 404/410.
 
+        `light`: one of the few small files fetched before any bulk (InRelease, Release, Release.gpg),
+        fetched with the standard library in a thread so that an unchanged upstream costs no aiohttp.
         Raises Rejected: `too-large` past `limit` bytes, `unreachable` after retries, `storage-error`.
         """
         url = self.base_url + rel
@@ -93,6 +114,8 @@ class Fetcher:
         async with self._slots:
             for attempt in range(1, self.attempts + 1):
                 try:
+                    if light and self._session is None:
+                        return await asyncio.to_thread(self._light_once, url, rel, limit, algos)
                     return await self._once(url, rel, limit, algos)
                 except _Retry as exc:
                     if attempt == self.attempts:
@@ -101,10 +124,12 @@ class Fetcher:
         raise AssertionError("unreachable code")
 
     async def _once(self, url: str, rel: str, limit: int, algos: tuple[str, ...]) -> Download | None:
-        assert self._session is not None, "use Fetcher as an async context manager"
+        import aiohttp
+
+        session = self._open_session()
         self.requests += 1
         try:
-            async with self._session.get(url, max_redirects=5) as resp:
+            async with session.get(url, max_redirects=REDIRECTS) as resp:
                 if resp.status in (404, 410):
                     return None
                 if resp.status >= 500:
@@ -125,21 +150,33 @@ class Fetcher:
             raise Rejected("unreachable", f"{url}: {_describe(exc)}") from None
 
     async def _stream(self, resp: aiohttp.ClientResponse, rel: str, limit: int, algos: tuple[str, ...]) -> Download:
-        hashers = {a: hashlib.new(HASHLIB_NAMES[a]) for a in algos}
+        import aiohttp
+
+        hashers = [hashlib.new(HASHLIB_NAMES[a]) for a in algos]
         path = self.tmp_dir / f"dl-{os.getpid()}-{next(self._names)}"
         size = 0
         done = False
+        pending: list[bytes] = []
+        held = 0
         try:
-            async with aiofiles.open(path, "wb") as out:
+            # Creating a file can wait on the filesystem journal: a large body opens it off the loop.
+            big = (resp.content_length or 0) > INLINE
+            with await asyncio.to_thread(open, path, "wb") if big else open(path, "wb") as out:
                 async for chunk in resp.content.iter_chunked(CHUNK):
                     size += len(chunk)
                     if size > limit:
                         raise Rejected("too-large", f"{rel}: the body ran past the {limit} bytes declared for it")
-                    for h in hashers.values():
-                        h.update(chunk)
-                    await out.write(chunk)
+                    pending.append(chunk)
+                    held += len(chunk)
+                    if held >= FLUSH:
+                        await asyncio.to_thread(_absorb, out, hashers, pending)
+                        pending, held = [], 0
                     if self.on_bytes:
                         self.on_bytes(len(chunk))
+                if held > INLINE:
+                    await asyncio.to_thread(_absorb, out, hashers, pending)
+                else:
+                    _absorb(out, hashers, pending)
             done = True
         except OSError as exc:
             if isinstance(exc, aiohttp.ClientError | TimeoutError):
@@ -148,7 +185,69 @@ class Fetcher:
         finally:
             if not done:
                 path.unlink(missing_ok=True)
-        return Download(path, size, {a: h.hexdigest() for a, h in hashers.items()})
+        return Download(path, size, {a: h.hexdigest() for a, h in zip(algos, hashers, strict=True)})
+
+    def _light_once(self, url: str, rel: str, limit: int, algos: tuple[str, ...]) -> Download | None:
+        """One GET with http.client (runs in a thread), with the rules of `_once`."""
+        import http.client
+        import urllib.parse
+
+        self.requests += 1
+        for _hop in range(REDIRECTS + 1):
+            parts = urllib.parse.urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise Rejected("unreachable", f"{url}: not an http or https URL")
+            kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+            conn = kind(parts.hostname, parts.port, timeout=self.connect_timeout)
+            try:
+                try:
+                    conn.connect()
+                    assert conn.sock is not None
+                    conn.sock.settimeout(self.read_timeout)
+                    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+                    conn.request("GET", target, headers={"User-Agent": "aptguard", "Accept-Encoding": "identity"})
+                    resp = conn.getresponse()
+                    if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
+                        url = urllib.parse.urljoin(url, resp.getheader("Location", ""))
+                        continue
+                    if resp.status in (404, 410):
+                        return None
+                    if resp.status >= 500:
+                        raise _Retry(f"HTTP {resp.status} {resp.reason}")
+                    if resp.status != 200:
+                        raise Rejected("unreachable", f"{url}: HTTP {resp.status} {resp.reason}")
+                    declared = resp.getheader("Content-Length")
+                    if declared and declared.isdigit() and int(declared) > limit:
+                        raise Rejected(
+                            "too-large", f"{rel}: upstream announces {declared} bytes, more than the {limit} declared"
+                        )
+                    body = resp.read(limit + 1)
+                    if declared and declared.isdigit() and len(body) < int(declared):
+                        raise _Retry(f"body cut short: {len(body)} of {declared} bytes")
+                except (OSError, http.client.HTTPException) as exc:
+                    raise _Retry(_describe(exc)) from None
+            finally:
+                conn.close()
+            if len(body) > limit:
+                raise Rejected("too-large", f"{rel}: the body ran past the {limit} bytes declared for it")
+            path = self.tmp_dir / f"dl-{os.getpid()}-{next(self._names)}"
+            try:
+                path.write_bytes(body)
+            except OSError as exc:
+                path.unlink(missing_ok=True)
+                raise Rejected("storage-error", f"{path}: {exc.strerror or exc} while storing {rel}") from None
+            if self.on_bytes:
+                self.on_bytes(len(body))
+            return Download(path, len(body), {a: hashlib.new(HASHLIB_NAMES[a], body).hexdigest() for a in algos})
+        raise Rejected("unreachable", f"{url}: too many redirects")
+
+
+def _absorb(out: BinaryIO, hashers: list[Any], chunks: list[bytes]) -> None:
+    """Write and hash received chunks, in order."""
+    for chunk in chunks:
+        out.write(chunk)
+        for h in hashers:
+            h.update(chunk)
 
 
 def _describe(exc: BaseException) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from aptguard.config import NAME_RE
 from aptguard.reasons import UsageError
 from aptguard.store import FileStore
 
@@ -58,3 +59,63 @@ def promote(store: FileStore, name: str, snap_id: str) -> str | None:
         state["hold"] = False
         store.write_state(name, state)
         return old
+
+
+class Refused(Exception):
+    """An operation the data folder's state does not allow (exit 1): nothing was changed."""
+
+
+def rollback(store: FileStore, name: str, to: str | None = None) -> tuple[str | None, str]:
+    """Make the previously current snapshot (or `to`) current again and hold the upstream.
+
+    Later syncs verify and store but do not promote until `promote`. The replaced snapshot
+    becomes the new rollback target, so a second rollback undoes the first (like `cd -`), and
+    gc keeps it for inspection (`aptguard diff`). Returns (replaced, now current).
+    """
+    with store.lock(name, wait_message=f"{name}: waiting for another aptguard process to finish"):
+        state = store.read_state(name)
+        old = store.current(name)
+        target = to or state.get("previous")
+        if target is None:
+            raise Refused(
+                f"{name}: no previous snapshot to roll back to (nothing was promoted over another snapshot); "
+                f"pick one from `aptguard snapshots {name}` and run `aptguard rollback {name} --to ID`"
+            )
+        if target not in store.snapshot_ids(name):
+            raise Refused(
+                f"{name}: the rollback target {target} is not a stored snapshot any more; "
+                f"pick one from `aptguard snapshots {name}` and run `aptguard rollback {name} --to ID`"
+            )
+        if target != old:
+            store.set_current(name, target)
+            state["previous"] = old
+        state["hold"] = True
+        store.write_state(name, state)
+        return old, target
+
+
+def check_pin_name(pin: str) -> None:
+    """A pin is one URL path word (/pins/PIN/), spelled like an upstream name."""
+    if not NAME_RE.match(pin):
+        raise UsageError(f"pin name {pin!r}: must match [a-z0-9][a-z0-9._-]* (it becomes the URL /pins/{pin}/)")
+
+
+def pin(store: FileStore, pin_name: str, name: str, snap_id: str) -> tuple[str, str] | None:
+    """Point /pins/PIN/ at one snapshot (moving it if it exists); returns its old target."""
+    check_pin_name(pin_name)
+    # Under the upstream's lock, so that a gc deciding what to keep sees the pin or the snapshot is gone.
+    with store.lock(name, wait_message=f"{name}: waiting for another aptguard process to finish"):
+        require_snapshot(store, name, snap_id)
+        old = store.pin_target(pin_name)
+        store.set_pin(pin_name, name, snap_id)
+        return old
+
+
+def unpin(store: FileStore, pin_name: str) -> tuple[str, str]:
+    """Remove a pin; its snapshot becomes collectable by retention. Returns its old target."""
+    check_pin_name(pin_name)
+    target = store.pin_target(pin_name)
+    if target is None or not store.remove_pin(pin_name):
+        known = ", ".join(store.pins()) or "none"
+        raise UsageError(f"no pin named {pin_name!r} (pins: {known})")
+    return target

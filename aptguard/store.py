@@ -5,8 +5,10 @@
     current/NAME -> ../snapshots/NAME/ID     what /NAME/ serves (a symlink swapped atomically)
     pins/PIN -> ../snapshots/NAME/ID         what /pins/PIN/ serves
     meta/NAME/ID.json            the snapshot's manifest: what was verified, per file
+    meta/NAME/ID.byhash.json     its own by-hash entries, carried into later snapshots by sync
     state/NAME.json              hold, rollback target, last sync outcome
     locks/NAME.lock              one writer per upstream
+    locks/gc.lock                shared by every sync, exclusive for gc: no object vanishes mid-sync
     tmp/                         downloads and trees being built; never served
 
 Nothing becomes visible before it is complete: trees are built in tmp/ and renamed into
@@ -24,6 +26,7 @@ import fcntl
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,6 +100,22 @@ class FileStore:
 
     def new_tree(self, name: str, snap_id: str) -> Tree:
         return Tree(self, name, snap_id)
+
+    def remove_snapshot(self, name: str, snap_id: str) -> None:
+        """Delete a snapshot so that a crash at any instant leaves nothing half-visible.
+
+        The tree leaves snapshots/ in one rename (its URLs answer 404 from then on), then the
+        manifest goes, then the tree's files. A crash leaves a manifest without a tree (not a
+        snapshot: snapshot_ids skips it) and a tree in tmp/, both discarded by the next gc.
+        """
+        folder = self.snapshot_dir(name, snap_id)
+        grave = self.tmp / f"gc+{name}+{snap_id}+{os.getpid()}"
+        os.rename(folder, grave)
+        fsync_dir(folder.parent)
+        self.meta_path(name, snap_id).unlink(missing_ok=True)
+        self.meta_path(name, snap_id).with_suffix(".byhash.json").unlink(missing_ok=True)  # sync's side file
+        fsync_dir(self.meta_path(name, snap_id).parent)
+        shutil.rmtree(grave)
 
     # ------------------------------------------------------------ manifests and state
 
@@ -180,8 +199,29 @@ class FileStore:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 if wait_message:
-                    print(wait_message, flush=True)
+                    print(wait_message, file=sys.stderr, flush=True)
                 fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def collection_lock(self, *, exclusive: bool, wait_message: str | None = None) -> Iterator[None]:
+        """Syncs hold this shared for their whole run, gc holds it exclusive.
+
+        A sync decides that an object is already stored long before it links it into its
+        tree; gc must not delete that object in between, so the two never overlap.
+        """
+        path = self.root / "locks" / "gc.lock"
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        with open(path, "a+") as handle:
+            try:
+                fcntl.flock(handle, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if wait_message:
+                    print(wait_message, file=sys.stderr, flush=True)
+                fcntl.flock(handle, mode)
             try:
                 yield
             finally:
@@ -204,7 +244,8 @@ class Tree:
         self.store = store
         self.name = name
         self.snap_id = snap_id
-        self.path = store.tmp / f"build-{name}-{snap_id}-{os.getpid()}"
+        # "+" is in no upstream name: sync._discard_leftovers finds a killed run's tree by this prefix.
+        self.path = store.tmp / f"build+{name}+{snap_id}+{os.getpid()}"
         self.path.mkdir(parents=True)
         self._dirs: set[Path] = {self.path}
 

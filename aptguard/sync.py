@@ -12,6 +12,7 @@ import bz2
 import contextlib
 import gzip
 import hashlib
+import json
 import lzma
 import os
 import shutil
@@ -27,8 +28,9 @@ from aptguard import verify
 from aptguard.config import UpstreamConfig
 from aptguard.fetch import Download, Fetcher
 from aptguard.keyring import Keyring
+from aptguard.progress import Progress
 from aptguard.reasons import Rejected
-from aptguard.store import FileStore, Tree, new_snapshot_id, storage_error
+from aptguard.store import FileStore, Tree, new_snapshot_id, storage_error, write_atomic
 
 INRELEASE_LIMIT = 10_000_000  # apt's own cap on InRelease
 SIGNED_NAMES = ("InRelease", "Release", "Release.gpg")
@@ -89,20 +91,24 @@ async def sync_upstream(
     keyring: Keyring | None = None,
     log: Log = lambda msg: None,
     concurrency: int = 16,
+    progress: Progress | None = None,
 ) -> SyncResult:
     """Sync one upstream under its lock and record the outcome in its state.
 
     `keyring` may be given already opened (the CLI checks every keyring before any work).
     """
     started = time.monotonic()
-    with store.lock(up.name, wait_message=f"{up.name}: waiting for another aptguard process to finish"):
+    with (
+        store.collection_lock(exclusive=False, wait_message=f"{up.name}: waiting for a running gc to finish"),
+        store.lock(up.name, wait_message=f"{up.name}: waiting for another aptguard process to finish"),
+    ):
         work = store.tmp / f"sync+{up.name}+{os.getpid()}"
         _discard_leftovers(store, up.name)
         at = datetime.now(UTC)
         try:
             work.mkdir(parents=True)
             with keyring or Keyring(up.keyring) as opened:
-                result = await _Sync(up, store, opened, work, log, concurrency).run(
+                result = await _Sync(up, store, opened, work, log, concurrency, progress or Progress()).run(
                     promote=promote, allow_release_change=allow_release_change
                 )
         except Rejected as exc:
@@ -141,6 +147,9 @@ def _record_outcome(store: FileStore, up: UpstreamConfig, result: SyncResult, at
             state["keys"] = result.stats.pop("keys")
         if result.outcome == "promoted":
             state["previous"] = result.previous
+        counts = state.setdefault("outcomes", {})  # "OUTCOME:REASON" -> syncs, for /metrics
+        key = f"{result.outcome}:{result.reason or ''}"
+        counts[key] = counts.get(key, 0) + 1
         store.write_state(up.name, state)
     except OSError as exc:
         if result.ok:
@@ -150,7 +159,14 @@ def _record_outcome(store: FileStore, up: UpstreamConfig, result: SyncResult, at
 
 class _Sync:
     def __init__(
-        self, up: UpstreamConfig, store: FileStore, keyring: Keyring, work: Path, log: Log, concurrency: int
+        self,
+        up: UpstreamConfig,
+        store: FileStore,
+        keyring: Keyring,
+        work: Path,
+        log: Log,
+        concurrency: int,
+        progress: Progress,
     ) -> None:
         self.up = up
         self.store = store
@@ -158,6 +174,7 @@ class _Sync:
         self.work = work
         self.log = log
         self.concurrency = concurrency
+        self.progress = progress
         self.downloaded = 0
 
     async def run(self, *, promote: bool, allow_release_change: bool) -> SyncResult:
@@ -175,6 +192,7 @@ class _Sync:
 
         def bytes_in(n: int) -> None:
             self.downloaded += n
+            self.progress.advance(up.name, nbytes=n)
 
         async with Fetcher(up.url, self.work, concurrency=self.concurrency, on_bytes=bytes_in) as fetcher:
             suites = await _gather(self._release(fetcher, s, newest, now) for s in up.suites)
@@ -216,12 +234,11 @@ class _Sync:
             known = _known_hashes(newest, current)
             await self._fetch_pool(fetcher, pool, known, snap)
             requests = fetcher.requests
-        if current is not None:
-            # Guarantee 2: a client that read the old InRelease just before promotion finds its
-            # by-hash indices in the new tree too.
-            for path in current.get("by_hash_own", []):
-                if path not in snap.files and path in current["files"]:
-                    snap.files[path] = current["files"][path]
+        # Guarantee 2: a client that read the InRelease of any retained snapshot just before a
+        # promotion (or a rollback) finds its by-hash indices in the new tree too.
+        for path, record in _retained_by_hash(store, up.name, current_id, current).items():
+            if path not in snap.files:
+                snap.files[path] = record
         snap_id = new_snapshot_id(set(store.snapshot_ids(up.name)))
         manifest = {
             "format": 1,
@@ -239,6 +256,7 @@ class _Sync:
         tree = store.new_tree(up.name, snap_id)
         try:
             await asyncio.to_thread(_link_all, tree, snap.files)
+            _write_by_hash(store, up.name, snap_id, {p: snap.files[p] for p in manifest["by_hash_own"]})
             tree.commit(manifest)
         except BaseException:
             tree.abort()
@@ -265,14 +283,16 @@ class _Sync:
         base = verify.suite_base(suite)
         old_signed = ((newest or {}).get("suites", {}).get(suite) or {}).get("signed", {})
         signed: dict[str, Download] = {}
-        inrelease = await fetcher.fetch(base + "InRelease", limit=INRELEASE_LIMIT)
+        inrelease = await fetcher.fetch(base + "InRelease", limit=INRELEASE_LIMIT, light=True)
         if inrelease is not None:
             signed["InRelease"] = inrelease
             if old_signed.get("InRelease") == inrelease.hashes["sha256"]:
                 text, signers = verify.verify_inrelease(inrelease.read(), self.keyring, base + "InRelease")
                 release = verify.check_release(text, signers, self.up, suite, now, base + "InRelease")
                 return _Suite(suite, signed, release, unchanged=True)
-        extra = await _gather(fetcher.fetch(base + name, limit=INRELEASE_LIMIT) for name in ("Release", "Release.gpg"))
+        extra = await _gather(
+            fetcher.fetch(base + name, limit=INRELEASE_LIMIT, light=True) for name in ("Release", "Release.gpg")
+        )
         for name, download in zip(("Release", "Release.gpg"), extra, strict=True):
             if download is not None:
                 signed[name] = download
@@ -282,9 +302,16 @@ class _Sync:
             if "Release" in signed:
                 verify.signed_files_match(text, signed["Release"].read(), where)
                 if "Release.gpg" in signed:
-                    verify.verify_detached(
-                        signed["Release"].read(), signed["Release.gpg"].read(), self.keyring, base + "Release.gpg"
-                    )
+                    try:
+                        verify.verify_detached(
+                            signed["Release"].read(), signed["Release.gpg"].read(), self.keyring, base + "Release.gpg"
+                        )
+                    except Rejected as exc:
+                        # apt reads Release.gpg only when InRelease is a 404, which it never is here.
+                        # A stale one (Debian mirrors serve them mid-sync) must not block a verified
+                        # InRelease, nor be served: it is left out, so the snapshot holds only what verifies.
+                        del signed["Release.gpg"]
+                        self.log(f"{self.up.name}: {exc.detail}; Release.gpg left out (InRelease verified)")
         else:
             if "Release" not in signed or "Release.gpg" not in signed:
                 missing = " and ".join(n for n in ("Release", "Release.gpg") if n not in signed)
@@ -367,7 +394,7 @@ class _Sync:
         self, fetcher: Fetcher, release: verify.TrustedRelease, group: verify.IndexGroup
     ) -> tuple[list[tuple[verify.Expected, Download]], list[verify.PoolFile] | None]:
         """Fetch every listed variant of one index, check each, and parse it if it names pool files."""
-        downloads = await _gather(fetcher.fetch(v.path, limit=v.size, algos=v.hashes) for v in group.variants)
+        downloads = await _gather(self._fetch_index(fetcher, release, v) for v in group.variants)
         present = [(v, d) for v, d in zip(group.variants, downloads, strict=True) if d is not None]
         if not present:
             names = ", ".join(v.path.rsplit("/", 1)[-1] for v in group.variants)
@@ -380,6 +407,19 @@ class _Sync:
             return present, None
         entries = await asyncio.to_thread(_parse_index, group, present)
         return present, entries
+
+    async def _fetch_index(
+        self, fetcher: Fetcher, release: verify.TrustedRelease, expected: verify.Expected
+    ) -> Download | None:
+        """Fetch an index as apt does: by-hash (strongest listed hash) first when the Release offers
+        it, the plain name on a 404. An upstream caught between two publishes still serves the
+        by-hash files its signed Release names, so the mirror stays as tolerant as apt."""
+        if release.by_hash:
+            hashed = verify.by_hash_fetch_path(expected)
+            download = await fetcher.fetch(hashed, limit=expected.size, algos=expected.hashes)
+            if download is not None:
+                return download
+        return await fetcher.fetch(expected.path, limit=expected.size, algos=expected.hashes)
 
     # ------------------------------------------------------------ pool
 
@@ -415,6 +455,7 @@ class _Sync:
         if missing:
             total = sum(e.expected.size for e in missing)
             self.log(f"{self.up.name}: fetching {len(missing)} pool files ({total} bytes)")
+            self.progress.begin(self.up.name, len(missing), total)
 
         async def fetch_one(entry: verify.PoolFile) -> None:
             exp = entry.expected
@@ -431,11 +472,38 @@ class _Sync:
                 raise
             self.store.adopt(download.path, exp.hashes["sha256"])
             snap.add(exp.path, _record(exp.size, exp.hashes))
+            self.progress.advance(self.up.name, files=1)
 
         await _run_bounded(missing, fetch_one, self.concurrency)
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _by_hash_side_file(store: FileStore, name: str, snap_id: str) -> Path:
+    """meta/NAME/ID.byhash.json: a snapshot's own by-hash entries, so a sync reads kilobytes, not manifests."""
+    return store.meta_path(name, snap_id).with_suffix(".byhash.json")
+
+
+def _write_by_hash(store: FileStore, name: str, snap_id: str, entries: dict[str, Any]) -> None:
+    write_atomic(_by_hash_side_file(store, name, snap_id), json.dumps(entries, separators=(",", ":")).encode())
+
+
+def _retained_by_hash(
+    store: FileStore, name: str, current_id: str | None, current: dict[str, Any] | None
+) -> dict[str, dict[str, Any]]:
+    """path -> record of the own by-hash entries of every snapshot still stored (their objects are too)."""
+    found: dict[str, dict[str, Any]] = {}
+    for snap_id in store.snapshot_ids(name):
+        try:
+            entries = json.loads(_by_hash_side_file(store, name, snap_id).read_text())
+        except FileNotFoundError:
+            # Made before side files existed: only the current one is cheap (its manifest is loaded).
+            entries = {}
+            if snap_id == current_id and current is not None:
+                entries = {p: current["files"][p] for p in current.get("by_hash_own", []) if p in current["files"]}
+        found.update(entries)
+    return found
 
 
 def _known_hashes(*manifests: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
@@ -490,11 +558,10 @@ def _parse_index(group: verify.IndexGroup, present: list[tuple[verify.Expected, 
         digest, text = this, data
     if text is None:
         raise Rejected("index-mismatch", f"{group.variants[0].path}: no variant in a compression aptguard reads")
-    decoded = text.decode("utf-8", errors="surrogateescape")
     where = group.variants[0].path
     if group.kind == "Packages":
-        return list(verify.packages_entries(decoded, where))
-    return list(verify.sources_entries(decoded, where))
+        return list(verify.packages_entries(text, where))  # bytes: no decoded copy of a 50 MB index
+    return list(verify.sources_entries(text.decode("utf-8", errors="surrogateescape"), where))
 
 
 def _ext(path: str) -> str:

@@ -86,7 +86,7 @@ class Mirror:
 
     # ------------------------------------------------------------ CLI
 
-    def run(self, *args: str, fsize_limit: int | None = None, timeout: float = 180) -> Run:
+    def run(self, *args: str, fsize_limit: int | None = None, timeout: float = 180, cwd: Path | None = None) -> Run:
         """`aptguard --config CONFIG ARGS`; `fsize_limit` caps file sizes (RLIMIT_FSIZE) like a full disk."""
 
         def limit() -> None:
@@ -97,7 +97,7 @@ class Mirror:
         env.pop("APTGUARD_CONFIG", None)
         proc = subprocess.run(
             [sys.executable, "-m", "aptguard", "--config", str(self.config), *args],
-            cwd=self.workdir,
+            cwd=cwd or self.workdir,
             env=env,
             capture_output=True,
             text=True,
@@ -136,10 +136,19 @@ class Mirror:
     def start_server(self) -> str:
         self.port = free_port()
         self.server = subprocess.Popen(
-            [sys.executable, "-m", "aptguard", "--config", str(self.config), "serve", "--listen", f"127.0.0.1:{self.port}"],
+            [
+                sys.executable,
+                "-m",
+                "aptguard",
+                "--config",
+                str(self.config),
+                "serve",
+                "--listen",
+                f"127.0.0.1:{self.port}",
+            ],
             cwd=self.workdir,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=open(self.workdir / "serve.log", "ab"),  # noqa: SIM115 - the child owns it
         )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -148,7 +157,8 @@ class Mirror:
                 return self.url
             except OSError:
                 if self.server.poll() is not None:
-                    raise RuntimeError("aptguard serve exited") from None
+                    log = (self.workdir / "serve.log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"aptguard serve exited:\n{log}") from None
                 time.sleep(0.05)
         raise RuntimeError("aptguard serve did not answer within 20 s")
 

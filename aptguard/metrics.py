@@ -1,0 +1,194 @@
+"""Prometheus metrics: the health of every upstream (from the data folder) and this server's traffic.
+
+Upstream metrics are read at scrape time from the same place `status` reads (state/NAME.json,
+the current snapshot's manifest, the keyring expiry recorded by the last sync), so they speak
+the reason codes of reasons.py and stay right across restarts. Sync outcome counters are
+persisted by sync.py in the state file (`outcomes`), so they count every run, not only the
+runs this process saw. Request counters are per server process.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from aptguard.config import Config
+from aptguard.status import status
+from aptguard.store import FileStore
+
+
+@dataclass
+class ServerMetrics:
+    """One server process's registry: request counters plus the upstream collector."""
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        self.requests = Counter(
+            "aptguard_http_requests",
+            "HTTP requests answered by this server, by method and status code",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.sent = Counter(
+            "aptguard_http_sent_bytes",
+            "Response body bytes sent by this server (as declared by Content-Length)",
+            registry=self.registry,
+        )
+        self.upstreams: UpstreamCollector | None = None
+
+
+SERVER_KEY = web.AppKey("aptguard_metrics", ServerMetrics)
+
+
+def instrument(app: web.Application) -> None:
+    """Count every response of `app` (file, 304, 404, 416, ...) when its headers go out."""
+    server = ServerMetrics()
+    app[SERVER_KEY] = server
+
+    async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+        server.requests.labels(request.method, str(response.status)).inc()
+        if request.method != "HEAD" and response.content_length:
+            server.sent.inc(response.content_length)
+
+    app.on_response_prepare.append(on_prepare)
+
+
+def _ts(when: str | None) -> float | None:
+    return datetime.fromisoformat(when).timestamp() if when else None
+
+
+def snapshot_time(snap_id: str) -> float | None:
+    """A snapshot id is its sync's UTC time (YYYYMMDDTHHMMSSZ, maybe with a -N suffix)."""
+    try:
+        return datetime.strptime(snap_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return None
+
+
+class UpstreamCollector(Collector):
+    """Reads the data folder at each scrape; the bytes of objects/ are cached for a minute."""
+
+    def __init__(self, config: Config, store: FileStore) -> None:
+        self.config = config
+        self.store = store
+        self._stored: tuple[float, int] | None = None
+        self._bytes: dict[tuple[str, str], int] = {}  # snapshots are immutable: read each manifest once
+
+    def stored_bytes(self) -> int:
+        now = time.monotonic()
+        if self._stored is None or now - self._stored[0] > 60:
+            total = 0
+            for folder, _dirs, files in os.walk(self.store.objects):
+                for name in files:
+                    try:
+                        total += os.lstat(os.path.join(folder, name)).st_size
+                    except FileNotFoundError:
+                        pass  # collected by gc while we walked
+            self._stored = (now, total)
+        return self._stored[1]
+
+    def snapshot_bytes(self, name: str, snap_id: str) -> int | None:
+        if (name, snap_id) not in self._bytes:
+            try:
+                self._bytes[(name, snap_id)] = int(self.store.read_manifest(name, snap_id)["bytes"])
+            except (OSError, KeyError, ValueError):
+                return None
+        return self._bytes[(name, snap_id)]
+
+    def collect(self) -> Iterator[Any]:
+        now = time.time()
+        report = status(self.config, self.store)["upstreams"]
+        outcomes = CounterMetricFamily(
+            "aptguard_sync_outcomes",
+            "Syncs ended, by outcome and reason code",
+            labels=["upstream", "outcome", "reason"],
+        )
+        last = GaugeMetricFamily(
+            "aptguard_last_sync_info",
+            "The last sync's outcome and reason (value 1)",
+            labels=["upstream", "outcome", "reason"],
+        )
+        last_at = GaugeMetricFamily(
+            "aptguard_last_sync_timestamp_seconds", "When the last sync ran", labels=["upstream"]
+        )
+        success = GaugeMetricFamily(
+            "aptguard_last_success_timestamp_seconds", "When a sync last ended without rejection", labels=["upstream"]
+        )
+        age = GaugeMetricFamily(
+            "aptguard_current_snapshot_age_seconds", "Age of the snapshot served as current", labels=["upstream"]
+        )
+        hold = GaugeMetricFamily("aptguard_hold", "1 while the upstream is held after a rollback", labels=["upstream"])
+        valid = GaugeMetricFamily(
+            "aptguard_release_valid_until_seconds",
+            "Seconds until the served Release's Valid-Until passes (negative: expired)",
+            labels=["upstream", "suite"],
+        )
+        keys = GaugeMetricFamily(
+            "aptguard_key_expiry_seconds",
+            "Seconds until a trusted signing key expires (negative: expired)",
+            labels=["upstream", "fingerprint"],
+        )
+        snapshots = GaugeMetricFamily("aptguard_snapshots", "Snapshots stored", labels=["upstream"])
+        current_bytes = GaugeMetricFamily(
+            "aptguard_current_snapshot_bytes", "Bytes of the files of the current snapshot", labels=["upstream"]
+        )
+        warnings = GaugeMetricFamily("aptguard_warnings", "Warnings shown by `aptguard status`", labels=["upstream"])
+        for name, st in report.items():
+            state = self.store.read_state(name)
+            for key, count in sorted((state.get("outcomes") or {}).items()):
+                outcome, _, reason = key.partition(":")
+                outcomes.add_metric([name, outcome, reason], count)
+            if st["last_sync"]:
+                ls = st["last_sync"]
+                last.add_metric([name, ls["outcome"], ls["reason"] or ""], 1)
+                if (at := _ts(ls["at"])) is not None:
+                    last_at.add_metric([name], at)
+            if (ok := _ts(st.get("last_success"))) is not None:
+                success.add_metric([name], ok)
+            hold.add_metric([name], 1 if st["hold"] else 0)
+            if st["current"] and (made := snapshot_time(st["current"])) is not None:
+                age.add_metric([name], now - made)
+            for suite, info in st["suites"].items():
+                if info.get("valid_until_seconds") is not None:
+                    valid.add_metric([name, suite], info["valid_until_seconds"])
+            for key in st["keys"]:
+                if key.get("expires_seconds") is not None:
+                    keys.add_metric([name, key["fingerprint"]], key["expires_seconds"])
+            snapshots.add_metric([name], len(self.store.snapshot_ids(name)))
+            if st["current"] and (size := self.snapshot_bytes(name, st["current"])) is not None:
+                current_bytes.add_metric([name], size)
+            warnings.add_metric([name], len(st["warnings"]))
+        stored = GaugeMetricFamily("aptguard_stored_bytes", "Bytes of every stored object (all upstreams)")
+        stored.add_metric([], self.stored_bytes())
+        yield from (
+            outcomes,
+            last,
+            last_at,
+            success,
+            age,
+            hold,
+            valid,
+            keys,
+            snapshots,
+            current_bytes,
+            warnings,
+            stored,
+        )
+
+
+def exposition(config: Config, store: FileStore, server: ServerMetrics) -> tuple[bytes, str]:
+    """The /metrics body and its content type."""
+    if server.upstreams is None:
+        server.upstreams = UpstreamCollector(config, store)
+        server.registry.register(server.upstreams)
+    return generate_latest(server.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,450 @@
+"""Sync benchmark: aptguard against aptly, apt-mirror2 and the local-disk floor, side by side.
+
+    .venv/bin/python bench/sync_vs_aptly.py [--runs 3] [--shapes small,large] [--results bench/RESULTS.md]
+
+An upstream of real signed .debs (fixtures/repo.py, fixtures/keys.py) is served by nginx on
+127.0.0.1. For each shape and each run, every tool starts from an empty folder and does three
+phases: cold (nothing local), no-op (upstream unchanged) and incremental (+5% new packages).
+The tools take turns inside each run, so machine noise hits them alike; the table gives medians
+of wall time and peak RSS (per process, from /usr/bin/time), and the ratios aptguard/aptly and
+aptguard/floor. See docs/bench.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fixtures.keys import make_key, write_keyring  # noqa: E402
+from fixtures.repo import Repo  # noqa: E402
+
+CACHE = ROOT / "bench" / ".cache"
+PEERS_VENV = ROOT / "bench" / ".venv-peers"
+APTGUARD = ROOT / ".venv" / "bin" / "aptguard"
+SUITE = "bench"
+SHAPES = {"small": (1000, 64 * 1024), "large": (100, 4 * 1024 * 1024), "tiny": (40, 4096)}
+PHASES = ("cold", "no-op", "incremental")
+TOOLS = ("aptguard", "aptly", "apt-mirror2", "floor")
+
+
+@dataclass
+class Measure:
+    seconds: float
+    rss_kb: int
+
+
+@dataclass
+class Table:
+    shape: str
+    # (tool, phase) -> measures over runs
+    runs: dict[tuple[str, str], list[Measure]] = field(default_factory=dict)
+
+    def add(self, tool: str, phase: str, m: Measure) -> None:
+        self.runs.setdefault((tool, phase), []).append(m)
+
+    def median(self, tool: str, phase: str) -> Measure | None:
+        got = self.runs.get((tool, phase))
+        if not got:
+            return None
+        return Measure(statistics.median(m.seconds for m in got), int(statistics.median(m.rss_kb for m in got)))
+
+
+# ---------------------------------------------------------------- processes
+
+
+def run(cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None, check: bool = True) -> Measure:
+    """Run one command; wall time and its peak RSS.
+
+    The RSS comes from /usr/bin/time (%M): a child forked from this Python process would report
+    this process's size as its high-water mark, since ru_maxrss survives execve."""
+    with tempfile.NamedTemporaryFile(prefix="agbench-rss-") as rss:
+        started = time.perf_counter()
+        proc = subprocess.run(
+            ["/usr/bin/time", "-f", "%M", "-o", rss.name, *cmd],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+        )
+        seconds = time.perf_counter() - started
+        peak = int(Path(rss.name).read_text().split()[-1])
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout.decode(errors='replace')[-3000:]}")
+    run.last_output = proc.stdout.decode(errors="replace")  # type: ignore[attr-defined]
+    return Measure(seconds, peak)
+
+
+def steps(*cmds: Callable[[], Measure]) -> Measure:
+    """Several commands as one phase: summed wall time, the largest peak RSS."""
+    got = [c() for c in cmds]
+    return Measure(sum(m.seconds for m in got), max(m.rss_kb for m in got))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Nginx:
+    """nginx serving `www` on 127.0.0.1 from a private prefix (no system config touched)."""
+
+    def __init__(self, prefix: Path, www: Path) -> None:
+        self.prefix = prefix
+        self.port = free_port()
+        prefix.mkdir(parents=True, exist_ok=True)
+        user = "user root root;\n" if os.geteuid() == 0 else ""
+        temps = "".join(
+            f"  {t}_temp_path {prefix}/{t}_temp;\n" for t in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        (prefix / "nginx.conf").write_text(
+            f"{user}worker_processes 1;\npid {prefix}/nginx.pid;\nerror_log {prefix}/error.log warn;\n"
+            "events { worker_connections 1024; }\n"
+            "http {\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n  keepalive_requests 100000;\n"
+            f"  default_type application/octet-stream;\n{temps}"
+            f"  server {{ listen 127.0.0.1:{self.port}; root {www}; }}\n}}\n"
+        )
+        self.proc = subprocess.Popen(
+            ["nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(prefix / "error.log"),
+             "-g", "daemon off;"],
+        )  # fmt: skip
+        for _ in range(100):
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"nginx did not start: {(prefix / 'error.log').read_text()}")
+
+    def url(self, rel: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{rel}"
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGQUIT)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# ---------------------------------------------------------------- the upstream
+
+
+def build_upstream(work: Path, count: int, size: int) -> tuple[Path, Path, Path, int]:
+    """Two published states of one suite: A (count packages) and B (A + 5% new); and the keyring."""
+    key = make_key(work / "keys", "bench")
+    try:
+        keyring = write_keyring(work / "keys" / "bench.gpg", [key], armored=False)
+        roots = []
+        extra = max(1, count * 5 // 100)
+        for label, n in (("A", count), ("B", count + extra)):
+            repo = Repo(work / "up" / label, CACHE / "debs")
+            for i in range(n):
+                repo.add(SUITE, "main", "amd64", f"pkg{i:05d}", "1.0-1", size=size)
+            # B is published a second later: its Release Date is newer, as a real update's is.
+            if label == "B":
+                time.sleep(1.1)
+            repo.publish(SUITE, [key], translations=False)
+            roots.append(repo.root)
+    finally:
+        key.close()
+    return roots[0], roots[1], keyring, extra
+
+
+def point(link: Path, target: Path) -> None:
+    tmp = link.with_name(link.name + ".new")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
+
+
+def tree_files(root: Path) -> dict[str, tuple[int, int]]:
+    """rel path -> (size, mtime_ns) of every file, symlinks followed."""
+    found = {}
+    for folder, _dirs, files in os.walk(root, followlinks=True):
+        for name in files:
+            path = Path(folder) / name
+            st = path.stat()
+            found[str(path.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+def count_debs(root: Path) -> int:
+    return sum(1 for _f, _d, files in os.walk(root, followlinks=True) for n in files if n.endswith(".deb"))
+
+
+# ---------------------------------------------------------------- the tools
+
+
+class Tool:
+    name = ""
+
+    def __init__(self, work: Path, nginx: Nginx, keyring: Path) -> None:
+        self.work = work
+        self.nginx = nginx
+        self.keyring = keyring
+        work.mkdir(parents=True)
+
+    def phase(self, phase: str) -> Measure:
+        raise NotImplementedError
+
+    def debs(self) -> int:
+        raise NotImplementedError
+
+
+class Aptguard(Tool):
+    name = "aptguard"
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.config = self.work / "aptguard.toml"
+        self.config.write_text(
+            f'data_dir = "{self.work / "data"}"\n[upstreams.bench]\nurl = "{self.nginx.url("repo/")}"\n'
+            f'suites = ["{SUITE}"]\ncomponents = ["main"]\narchitectures = ["amd64"]\nlanguages = []\n'
+            f'keyring = "{self.keyring}"\n'
+        )
+
+    def phase(self, phase: str) -> Measure:
+        m = run([str(APTGUARD), "--config", str(self.config), "sync"])
+        out = run.last_output  # type: ignore[attr-defined]
+        want = "unchanged" if phase == "no-op" else "promoted"
+        if f"bench: {want}" not in out:
+            raise RuntimeError(f"aptguard {phase}: expected {want!r}, got:\n{out}")
+        return m
+
+    def debs(self) -> int:
+        return count_debs(self.work / "data" / "current" / "bench")
+
+
+class Aptly(Tool):
+    name = "aptly"
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.config = self.work / "aptly.conf"
+        self.config.write_text(
+            json.dumps(
+                {
+                    "rootDir": str(self.work / "root"),
+                    "downloadConcurrency": 4,
+                    "architectures": ["amd64"],
+                    "gpgDisableVerify": False,
+                    "gpgDisableSign": True,
+                    "gpgProvider": "gpg",
+                    "skipContentsPublishing": True,
+                }
+            )
+        )
+        self.snapshots = 0
+        self.env = {**os.environ, "HOME": str(self.work)}  # aptly and gpg keep nothing in the real home
+        run(self._cmd("mirror", "create", f"-keyring={self.keyring}", "-architectures=amd64", "bench",
+                      self.nginx.url("repo/"), SUITE, "main"), env=self.env)  # fmt: skip
+
+    def _cmd(self, *args: str) -> list[str]:
+        return ["aptly", f"-config={self.config}", *args]
+
+    def phase(self, phase: str) -> Measure:
+        self.snapshots += 1
+        snap = f"s{self.snapshots}"
+        publish = (
+            self._cmd("publish", "snapshot", "-skip-signing", f"-distribution={SUITE}", snap)
+            if self.snapshots == 1
+            else self._cmd("publish", "switch", "-skip-signing", SUITE, snap)
+        )
+        return steps(
+            lambda: run(self._cmd("mirror", "update", f"-keyring={self.keyring}", "bench"), env=self.env),
+            lambda: run(self._cmd("snapshot", "create", snap, "from", "mirror", "bench"), env=self.env),
+            lambda: run(publish, env=self.env),
+        )
+
+    def debs(self) -> int:
+        return count_debs(self.work / "root" / "public")
+
+
+class AptMirror2(Tool):
+    name = "apt-mirror2"
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.config = self.work / "mirror.list"
+        self.config.write_text(
+            f"set base_path {self.work}\nset nthreads 16\nset gpg_verify force\nset _contents 0\n"
+            f"deb-amd64 [signed-by={self.keyring}] {self.nginx.url('repo')} {SUITE} main\n"
+        )
+
+    def phase(self, phase: str) -> Measure:
+        return run(
+            [str(PEERS_VENV / "bin" / "apt-mirror"), str(self.config)], env={**os.environ, "HOME": str(self.work)}
+        )
+
+    def debs(self) -> int:
+        return count_debs(self.work / "mirror")
+
+
+class Floor(Tool):
+    """The same bytes copied on local disk: what any mirror has to do at least."""
+
+    name = "floor"
+    source: Path
+
+    def phase(self, phase: str) -> Measure:
+        started = time.perf_counter()
+        dest = self.work / "copy"
+        src = self.source
+        if phase == "no-op":
+            tree_files(src)  # compare what is there with what upstream has: nothing to copy
+        else:
+            have = tree_files(dest) if dest.exists() else {}
+            for rel, (size, _mtime) in tree_files(src).items():
+                if rel.startswith("dists/") or have.get(rel, (None,))[0] != size:
+                    target = dest / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src / rel, target)
+        return Measure(time.perf_counter() - started, 0)
+
+    def debs(self) -> int:
+        return count_debs(self.work / "copy")
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def bench_shape(shape: str, runs: int, work: Path, tools: list[str]) -> Table:
+    count, size = SHAPES[shape]
+    print(f"== shape {shape}: {count} packages of {size // 1024} KiB (+5% for the incremental phase)", flush=True)
+    started = time.perf_counter()
+    root_a, root_b, keyring, extra = build_upstream(work, count, size)
+    print(f"   upstream built in {time.perf_counter() - started:.1f} s", flush=True)
+    www = work / "www"
+    www.mkdir()
+    nginx = Nginx(work / "nginx", www)
+    table = Table(shape)
+    classes = {"aptguard": Aptguard, "aptly": Aptly, "apt-mirror2": AptMirror2, "floor": Floor}
+    try:
+        for r in range(runs):
+            for name in tools:
+                point(www / "repo", root_a)
+                tool = classes[name](work / f"run{r}" / name, nginx, keyring)
+                if isinstance(tool, Floor):
+                    tool.source = root_a
+                for phase in PHASES:
+                    if phase == "incremental":
+                        point(www / "repo", root_b)
+                        if isinstance(tool, Floor):
+                            tool.source = root_b
+                    m = tool.phase(phase)
+                    table.add(name, phase, m)
+                    if phase != "no-op":
+                        want = count + (extra if phase == "incremental" else 0)
+                        got = tool.debs()
+                        if got != want:
+                            raise RuntimeError(f"{name} {phase}: {got} .deb files mirrored, expected {want}")
+                print(f"   run {r + 1}/{runs} {name:12s} " + "  ".join(
+                    f"{p} {table.runs[(name, p)][-1].seconds:.2f}s/{table.runs[(name, p)][-1].rss_kb // 1024}MB"
+                    for p in PHASES), flush=True)  # fmt: skip
+                shutil.rmtree(work / f"run{r}" / name, ignore_errors=True)
+    finally:
+        nginx.stop()
+    return table
+
+
+def machine() -> str:
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+        platform.processor(),
+    )  # fmt: skip
+    mem = {line.split(":")[0]: line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()}
+    aptly = subprocess.run(["aptly", "version"], capture_output=True, text=True).stdout.strip()
+    peers = subprocess.run([str(PEERS_VENV / "bin" / "apt-mirror"), "--version"], capture_output=True, text=True)
+    return (
+        f"{os.cpu_count()} CPUs ({cpu}), {int(mem['MemTotal']) // 1024} MiB RAM, {int(mem['MemAvailable']) // 1024} MiB "
+        f"available; Python {platform.python_version()}; {aptly}; apt-mirror2 {peers.stdout.strip() or peers.stderr.strip()}"
+    )
+
+
+def render(tables: list[Table], runs: int) -> str:
+    lines = []
+    for t in tables:
+        count, size = SHAPES[t.shape]
+        lines += [
+            f"### {count} packages × {size // 1024} KiB (medians of {runs} runs)",
+            "",
+            "| phase | aptguard | aptly | apt-mirror2 | floor | aptguard/aptly | aptguard/floor |",
+            "|---|---|---|---|---|---|---|",
+        ]
+
+        def cell(tool: str, phase: str, what: str, t: Table = t) -> str:
+            m = t.median(tool, phase)
+            if m is None:
+                return "-"
+            return f"{m.seconds:.3f} s" if what == "time" else f"{m.rss_kb / 1024:.0f} MB"
+
+        def ratio(a: str, b: str, phase: str, what: str, t: Table = t) -> str:
+            ma, mb = t.median(a, phase), t.median(b, phase)
+            if ma is None or mb is None:
+                return "-"
+            x, y = (ma.seconds, mb.seconds) if what == "time" else (ma.rss_kb, mb.rss_kb)
+            return f"{x / y:.2f}×" if y else "-"
+
+        for phase in PHASES:
+            lines.append(
+                f"| {phase} | " + " | ".join(cell(tool, phase, "time") for tool in TOOLS)
+                + f" | {ratio('aptguard', 'aptly', phase, 'time')} | {ratio('aptguard', 'floor', phase, 'time')} |"
+            )  # fmt: skip
+        for phase in PHASES:
+            lines.append(
+                f"| peak RSS, {phase} | " + " | ".join(cell(tool, phase, "rss") for tool in TOOLS[:3])
+                + f" | - | {ratio('aptguard', 'aptly', phase, 'rss')} | - |"
+            )  # fmt: skip
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--shapes", default="small,large")
+    parser.add_argument("--tools", default=",".join(TOOLS))
+    parser.add_argument("--results", type=Path, help="write the tables to this Markdown file (bench/RESULTS.md)")
+    args = parser.parse_args()
+    tools = args.tools.split(",")
+    if "apt-mirror2" in tools and not (PEERS_VENV / "bin" / "apt-mirror").exists():
+        print(f"apt-mirror2 not installed: python3 -m venv {PEERS_VENV} && {PEERS_VENV}/bin/pip install apt-mirror")
+        tools.remove("apt-mirror2")
+    tables = []
+    with tempfile.TemporaryDirectory(prefix="agbench-") as tmp:
+        os.chmod(tmp, 0o755)
+        for shape in args.shapes.split(","):
+            work = Path(tmp) / shape
+            work.mkdir()
+            tables.append(bench_shape(shape, args.runs, work, tools))
+            shutil.rmtree(work, ignore_errors=True)
+    text = render(tables, args.runs)
+    print()
+    print(text)
+    if args.results:
+        header = f"Machine: {machine()}\n\nDate: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC\n\n"
+        args.results.write_text(f"## Sync: aptguard, aptly, apt-mirror2 and the floor\n\n{header}{text}")
+        print(f"written to {args.results}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""The trust boundary on its own: real gpg signatures in, a verdict out, as apt would judge.
+
+These call aptguard.verify directly (no network, no data folder): the signatures are real,
+made by throwaway keys with gpg, and judged by gpg in a home holding only the trusted keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from aptguard import verify
+from aptguard.keyring import Keyring
+from aptguard.reasons import Rejected
+from fixtures.keys import SigningKey, multi_clearsign, write_keyring
+
+TEXT = b"Origin: Example\nLabel: Example\nSuite: bookworm\nCodename: bookworm\nDate: Sun, 29 Nov 2026 10:00:00 UTC\n"
+
+
+@pytest.fixture
+def trusted(tmp_path: Path, keys: Callable[..., SigningKey]) -> Callable[..., Keyring]:
+    opened: list[Keyring] = []
+
+    def make(*names: str) -> Keyring:
+        """A keyring of these keys; a name ending in "-expired" is an expired key."""
+        chosen = [keys(n, expired=n.endswith("-expired")) for n in names]
+        ring = write_keyring(tmp_path / f"{'-'.join(names)}.asc", chosen)
+        opened.append(Keyring(ring))
+        return opened[-1]
+
+    yield make
+    for k in opened:
+        k.close()
+
+
+def verdict(data: bytes, keyring: Keyring) -> tuple[str, list[str]] | str:
+    try:
+        return verify.verify_inrelease(data, keyring, "InRelease")
+    except Rejected as exc:
+        return exc.reason
+
+
+def test_good_signature_gives_the_signed_text_from_gpg(trusted, keys) -> None:
+    ring = trusted("upstream")
+    text, signers = verdict(keys("upstream").clearsign(TEXT), ring)
+    assert text.encode() == TEXT
+    assert signers == [keys("upstream").fingerprint]
+
+
+@pytest.mark.parametrize("order", ["trusted-first", "unknown-first"])
+def test_cosigned_by_trusted_and_unknown_key_is_accepted_in_any_order(trusted, keys, order) -> None:
+    """Debian signs with several keys; python-gnupg's `valid` reflects only the last signature."""
+    ring = trusted("upstream")
+    signers = [keys("upstream"), keys("stranger")]
+    if order == "unknown-first":
+        signers.reverse()
+    text, good = verdict(multi_clearsign(TEXT, signers), ring)
+    assert good == [keys("upstream").fingerprint]
+
+
+def test_only_an_unknown_key_names_its_fingerprint(trusted, keys) -> None:
+    ring = trusted("upstream")
+    with pytest.raises(Rejected) as err:
+        verify.verify_inrelease(keys("stranger").clearsign(TEXT), ring, "dists/x/InRelease")
+    assert err.value.reason == "signature-unknown-key"
+    assert keys("stranger").fingerprint in err.value.detail
+
+
+def test_good_plus_expired_trusted_signatures_pass_as_apt_does(trusted, keys) -> None:
+    """apt counts an EXPKEYSIG as worthless, not bad: one good signature suffices."""
+    ring = trusted("upstream", "old-expired")
+    text, good = verdict(multi_clearsign(TEXT, [keys("old-expired", expired=True), keys("upstream")]), ring)
+    assert good == [keys("upstream").fingerprint]
+
+
+def test_expired_key_alone_is_key_expired(tmp_path: Path, keys) -> None:
+    key = keys("old-expired", expired=True)
+    with Keyring(write_keyring(tmp_path / "k.asc", [key])) as ring:
+        assert verdict(key.clearsign(TEXT), ring) == "signature-key-expired"
+
+
+def test_revoked_key_alone_is_key_revoked(tmp_path: Path, keys) -> None:
+    key = keys("gone-revoked", revoked=True)
+    with Keyring(write_keyring(tmp_path / "k.asc", [key])) as ring:
+        assert verdict(key.clearsign(TEXT), ring) == "signature-key-revoked"
+
+
+def test_sha1_digest_does_not_count(trusted, keys) -> None:
+    ring = trusted("upstream")
+    with pytest.raises(Rejected) as err:
+        verify.verify_inrelease(keys("upstream").clearsign(TEXT, digest="SHA1"), ring, "InRelease")
+    assert err.value.reason == "signature-invalid" and "SHA1" in err.value.detail
+
+
+def test_altered_text_is_a_bad_signature_even_next_to_a_good_one(trusted, keys) -> None:
+    ring = trusted("upstream", "second")
+    signed = multi_clearsign(TEXT, [keys("upstream"), keys("second")])
+    assert verdict(signed.replace(b"Label: Example", b"Label: Exbmple"), ring) == "signature-invalid"
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda d: b"Injected: before\n" + d,
+        lambda d: d + b"Injected: after\n",
+        lambda d: d + d,
+        lambda d: d.replace(b"Hash: SHA256\n", b"Hash: SHA256\nComment: extra armor header\n"),
+    ],
+    ids=["text-before", "text-after", "second-block", "extra-armor-header"],
+)
+def test_anything_outside_the_one_signed_block_is_refused(trusted, keys, mangle) -> None:
+    """gpg still says 'valid' for these; apt refuses them, so aptguard must too."""
+    ring = trusted("upstream")
+    assert verdict(mangle(keys("upstream").clearsign(TEXT)), ring) == "signature-invalid"
+
+
+def test_blank_lines_around_the_block_are_fine(trusted, keys) -> None:
+    ring = trusted("upstream")
+    text, _ = verdict(b"\n" + keys("upstream").clearsign(TEXT) + b"\n\n", ring)
+    assert text.encode() == TEXT
+
+
+def test_detached_signature_over_release(trusted, keys) -> None:
+    ring = trusted("upstream")
+    text, good = verify.verify_detached(TEXT, keys("upstream").detach_sign(TEXT), ring, "Release.gpg")
+    assert text.encode() == TEXT and good == [keys("upstream").fingerprint]
+    with pytest.raises(Rejected) as err:
+        verify.verify_detached(TEXT + b"X: y\n", keys("upstream").detach_sign(TEXT), ring, "Release.gpg")
+    assert err.value.reason == "signature-invalid"
+
+
+def test_inrelease_must_say_what_release_says() -> None:
+    verify.signed_files_match(TEXT.decode(), TEXT, "InRelease")
+    with pytest.raises(Rejected) as err:
+        verify.signed_files_match(TEXT.decode(), TEXT.replace(b"Example", b"Other"), "InRelease")
+    assert err.value.reason == "signature-invalid"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "../etc/passwd",
+        "/etc/passwd",
+        "pool/../../x.deb",
+        "pool//x.deb",
+        "pool/./x.deb",
+        "pool/x\\y.deb",
+        "pool/x y.deb",
+        "pool/x\x00.deb",
+        "pool/\u00e9.deb",
+        "",
+    ],
+)
+def test_unsafe_paths_are_refused(path: str) -> None:
+    with pytest.raises(Rejected) as err:
+        verify.check_path(path, "Packages")
+    assert err.value.reason == "unsafe-path"
+
+
+@pytest.mark.parametrize(
+    "path", ["pool/main/h/hello/hello_1.0-1+b2~bpo_amd64.deb", "dists/bookworm/pool/stable/amd64/x_1%3a2_amd64.deb"]
+)
+def test_real_pool_paths_are_accepted(path: str) -> None:
+    assert verify.check_path(path, "Packages") == path
