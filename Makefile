@@ -35,7 +35,7 @@ lint: setup
 test: setup debs lint
 	$(BIN)/pytest -q
 
-# Benchmarks (docs/bench.md): sync against aptly, apt-mirror2 and the floor; a full-size index; promote.
+# Benchmarks (README, "Benchmarks"): sync against aptly, apt-mirror2 and the floor; a full-size index; promote.
 # BENCH_ARGS="--runs 5 --shapes small" narrows the sync one. Needs root or aptly/nginx installed.
 PEERS = bench/.venv-peers
 bench: setup debs

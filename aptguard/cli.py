@@ -251,7 +251,7 @@ def nginx_config(
         bool, typer.Option("--server-only", help="print only the server block (for /etc/nginx/conf.d)")
     ] = False,
 ) -> None:
-    """Print an nginx config that serves this mirror's URLs from its data folder (see docs/serving.md)."""
+    """Print an nginx config that serves this mirror's URLs from its data folder (see the README, "Serving a fleet")."""
     from pathlib import Path
 
     from aptguard.nginx import render

@@ -12,8 +12,8 @@ sendfile (aiohttp's FileResponse: GET, HEAD, Range, ETag, Last-Modified, 304), n
 into memory, and never swapped for a pre-compressed sibling: what upstream signed is what
 is sent.
 
-nginx/aptguard.conf.in serves the same URLs from the same folder for production; see
-docs/serving.md.
+`aptguard nginx-config` renders an nginx config (example: nginx/aptguard.conf) serving the same URLs from the same folder for production; see
+the README, "Serving a fleet".
 """
 
 from __future__ import annotations

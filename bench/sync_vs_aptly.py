@@ -7,7 +7,7 @@ An upstream of real signed .debs (fixtures/repo.py, fixtures/keys.py) is served 
 phases: cold (nothing local), no-op (upstream unchanged) and incremental (+5% new packages).
 The tools take turns inside each run, so machine noise hits them alike; the table gives medians
 of wall time and peak RSS (per process, from /usr/bin/time), and the ratios aptguard/aptly and
-aptguard/floor. See docs/bench.md.
+aptguard/floor. See the README, "Benchmarks".
 """
 
 from __future__ import annotations
