@@ -161,7 +161,7 @@ class Fetcher:
         try:
             # Creating a file can wait on the filesystem journal: a large body opens it off the loop.
             big = (resp.content_length or 0) > INLINE
-            with await asyncio.to_thread(open, path, "wb") if big else open(path, "wb") as out:
+            with await asyncio.to_thread(_create, path) if big else _create(path) as out:
                 async for chunk in resp.content.iter_chunked(CHUNK):
                     size += len(chunk)
                     if size > limit:
@@ -232,7 +232,8 @@ class Fetcher:
                 raise Rejected("too-large", f"{rel}: the body ran past the {limit} bytes declared for it")
             path = self.tmp_dir / f"dl-{os.getpid()}-{next(self._names)}"
             try:
-                path.write_bytes(body)
+                with _create(path) as out:
+                    out.write(body)
             except OSError as exc:
                 path.unlink(missing_ok=True)
                 raise Rejected("storage-error", f"{path}: {exc.strerror or exc} while storing {rel}") from None
@@ -240,6 +241,12 @@ class Fetcher:
                 self.on_bytes(len(body))
             return Download(path, len(body), {a: hashlib.new(HASHLIB_NAMES[a], body).hexdigest() for a in algos})
         raise Rejected("unreachable", f"{url}: too many redirects")
+
+
+def _create(path: Path) -> BinaryIO:
+    """A new download file, read-only from birth: stored objects are never written again, and
+    the mode costs no chmod when the file is adopted."""
+    return open(path, "xb", opener=lambda name, flags: os.open(name, flags, 0o444))
 
 
 def _absorb(out: BinaryIO, hashers: list[Any], chunks: list[bytes]) -> None:

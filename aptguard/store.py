@@ -52,6 +52,9 @@ class FileStore:
     def ensure(self) -> None:
         for sub in ("objects", "snapshots", "current", "pins", "meta", "state", "locks", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        if not (self.objects / "ff").is_dir():  # the 256 fan-out folders, once: adopt() never mkdirs
+            for n in range(256):
+                (self.objects / f"{n:02x}").mkdir(exist_ok=True)
 
     # ------------------------------------------------------------ objects
 
@@ -65,14 +68,18 @@ class FileStore:
             return None
 
     def adopt(self, tmp_file: Path, sha256: str) -> Path:
-        """Move a verified download into the object store (or drop it if the object exists)."""
+        """Move a verified download into the object store (or drop it if the object exists).
+
+        `tmp_file` was created read-only (mode 0444), as every stored object must be."""
         dest = self.object_path(sha256)
         if dest.exists():
             tmp_file.unlink(missing_ok=True)
             return dest
-        dest.parent.mkdir(exist_ok=True)
-        os.chmod(tmp_file, 0o444)
-        os.rename(tmp_file, dest)
+        try:
+            os.rename(tmp_file, dest)
+        except FileNotFoundError:  # a data folder from before the fan-out folders were made up front
+            dest.parent.mkdir(exist_ok=True)
+            os.rename(tmp_file, dest)
         return dest
 
     def put_bytes(self, data: bytes, sha256: str) -> Path:
@@ -80,7 +87,9 @@ class FileStore:
         if dest.exists():
             return dest
         tmp_file = self.tmp / f"put-{os.getpid()}-{sha256[:16]}"
-        tmp_file.write_bytes(data)
+        fd = os.open(tmp_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o444)
+        with open(fd, "wb") as out:
+            out.write(data)
         return self.adopt(tmp_file, sha256)
 
     # ------------------------------------------------------------ snapshot trees

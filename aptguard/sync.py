@@ -63,10 +63,20 @@ class _Suite:
 
 
 class _Snapshot:
-    """The files of the snapshot being assembled: path -> verified record, conflicts refused."""
+    """The snapshot being assembled: path -> verified record (conflicts refused), and its tree,
+    built in tmp/ as files arrive so the linking overlaps the downloads."""
 
-    def __init__(self) -> None:
+    def __init__(self, tree: Tree) -> None:
+        self.tree = tree
         self.files: dict[str, dict[str, Any]] = {}
+        self.linked: set[str] = set()
+
+    def adopt(self, store: FileStore, tmp_file: Path, sha256: str, path: str) -> None:
+        """Store a verified download and link it into the tree (runs in a worker thread: both
+        wait on the filesystem journal)."""
+        store.adopt(tmp_file, sha256)
+        self.tree.link(path, sha256)
+        self.linked.add(path)
 
     def add(self, path: str, record: dict[str, Any]) -> None:
         old = self.files.get(path)
@@ -183,7 +193,10 @@ class _Sync:
         current_id = store.current(up.name)
         ids = store.snapshot_ids(up.name)
         newest = store.read_manifest(up.name, ids[-1]) if ids else None
-        current = store.read_manifest(up.name, current_id) if current_id else None
+        if current_id is None or newest is None or current_id != newest["id"]:
+            current = store.read_manifest(up.name, current_id) if current_id else None
+        else:
+            current = newest  # usually the same snapshot: read its manifest once
         keys = [
             {"fingerprint": k.fingerprint, "uid": k.uid, "expires": _iso(k.expires) if k.expires else None}
             for k in self.keyring.keys
@@ -211,56 +224,18 @@ class _Sync:
                         allow_release_change,
                         f"{s.release.base}{'InRelease' if 'InRelease' in s.signed else 'Release'}",
                     )
-            snap = _Snapshot()
-            pool: dict[str, verify.PoolFile] = {}
-            suite_meta: dict[str, Any] = {}
-            packages: dict[str, Any] = {}
-            own_by_hash: list[str] = []
-            for s in suites:
-                if s.unchanged:
-                    assert newest is not None
-                    self._reuse_suite(s.name, newest, snap, suite_meta, packages, own_by_hash)
-                    continue
-                self.log(
-                    f"{up.name}: {s.name}: Release of {verify.rfc_date(s.release.date)} verified "
-                    f"(signed by {', '.join(s.release.signers)})"
-                )
-                paths = await self._suite_files(fetcher, s, snap, pool, packages, own_by_hash)
-                suite_meta[s.name] = {
-                    **s.release.summary(),
-                    "signed": {n: d.hashes["sha256"] for n, d in s.signed.items()},
-                    "paths": paths,
-                }
-            known = _known_hashes(newest, current)
-            await self._fetch_pool(fetcher, pool, known, snap)
-            requests = fetcher.requests
-        # Guarantee 2: a client that read the InRelease of any retained snapshot just before a
-        # promotion (or a rollback) finds its by-hash indices in the new tree too.
-        for path, record in _retained_by_hash(store, up.name, current_id, current).items():
-            if path not in snap.files:
-                snap.files[path] = record
-        snap_id = new_snapshot_id(set(store.snapshot_ids(up.name)))
-        manifest = {
-            "format": 1,
-            "id": snap_id,
-            "upstream": up.name,
-            "url": up.url,
-            "created": _iso(datetime.now(UTC)),
-            "suites": suite_meta,
-            "files": snap.files,
-            "by_hash_own": sorted(own_by_hash),
-            "packages": packages,
-            "count": len(snap.files),
-            "bytes": sum(r["size"] for r in snap.files.values()),
-        }
-        tree = store.new_tree(up.name, snap_id)
-        try:
-            await asyncio.to_thread(_link_all, tree, snap.files)
-            _write_by_hash(store, up.name, snap_id, {p: snap.files[p] for p in manifest["by_hash_own"]})
-            tree.commit(manifest)
-        except BaseException:
-            tree.abort()
-            raise
+            snap_id = new_snapshot_id(set(store.snapshot_ids(up.name)))
+            snap = _Snapshot(store.new_tree(up.name, snap_id))
+            try:
+                manifest = await self._assemble(fetcher, suites, snap, newest, current_id, current)
+                requests = fetcher.requests
+                manifest["id"] = snap_id
+                await asyncio.to_thread(_link_all, snap)
+                _write_by_hash(store, up.name, snap_id, {p: snap.files[p] for p in manifest["by_hash_own"]})
+                snap.tree.commit(manifest)
+            except BaseException:
+                snap.tree.abort()
+                raise
         stats = {
             "keys": keys,
             "files": manifest["count"],
@@ -276,6 +251,56 @@ class _Sync:
         why = "on hold (rollback): `aptguard promote` to serve it" if held else "--no-promote"
         self.log(f"{up.name}: stored snapshot {snap_id}, not promoted: {why}")
         return SyncResult(up.name, "stored", detail=why, snapshot=snap_id, stats=stats)
+
+    async def _assemble(
+        self,
+        fetcher: Fetcher,
+        suites: list[_Suite],
+        snap: _Snapshot,
+        newest: dict[str, Any] | None,
+        current_id: str | None,
+        current: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        """Fetch and verify every index and pool file of the changed suites into `snap`; the
+        manifest that describes it."""
+        up = self.up
+        pool: dict[str, verify.PoolFile] = {}
+        suite_meta: dict[str, Any] = {}
+        packages: dict[str, Any] = {}
+        own_by_hash: list[str] = []
+        for s in suites:
+            if s.unchanged:
+                assert newest is not None
+                self._reuse_suite(s.name, newest, snap, suite_meta, packages, own_by_hash)
+                continue
+            self.log(
+                f"{up.name}: {s.name}: Release of {verify.rfc_date(s.release.date)} verified "
+                f"(signed by {', '.join(s.release.signers)})"
+            )
+            paths = await self._suite_files(fetcher, s, snap, pool, packages, own_by_hash)
+            suite_meta[s.name] = {
+                **s.release.summary(),
+                "signed": {n: d.hashes["sha256"] for n, d in s.signed.items()},
+                "paths": paths,
+            }
+        await self._fetch_pool(fetcher, pool, _known_hashes(newest, current), snap)
+        # Guarantee 2: a client that read the InRelease of any retained snapshot just before a
+        # promotion (or a rollback) finds its by-hash indices in the new tree too.
+        for path, record in _retained_by_hash(self.store, up.name, current_id, current).items():
+            if path not in snap.files:
+                snap.files[path] = record
+        return {
+            "format": 1,
+            "upstream": up.name,
+            "url": up.url,
+            "created": _iso(datetime.now(UTC)),
+            "suites": suite_meta,
+            "files": snap.files,
+            "by_hash_own": sorted(own_by_hash),
+            "packages": packages,
+            "count": len(snap.files),
+            "bytes": sum(r["size"] for r in snap.files.values()),
+        }
 
     # ------------------------------------------------------------ Release
 
@@ -470,8 +495,8 @@ class _Sync:
             except Rejected:
                 download.discard()
                 raise
-            self.store.adopt(download.path, exp.hashes["sha256"])
             snap.add(exp.path, _record(exp.size, exp.hashes))
+            await asyncio.to_thread(snap.adopt, self.store, download.path, exp.hashes["sha256"], exp.path)
             self.progress.advance(self.up.name, files=1)
 
         await _run_bounded(missing, fetch_one, self.concurrency)
@@ -576,9 +601,11 @@ def _hashes_of(data: bytes, algos: Iterable[str]) -> dict[str, str]:
     return {a: hashlib.new(a, data).hexdigest() for a in algos}
 
 
-def _link_all(tree: Tree, files: dict[str, dict[str, Any]]) -> None:
-    for path, record in files.items():
-        tree.link(path, record["sha256"])
+def _link_all(snap: _Snapshot) -> None:
+    """Link what is not in the tree yet: reused files, indices, by-hash entries."""
+    for path, record in snap.files.items():
+        if path not in snap.linked:
+            snap.tree.link(path, record["sha256"])
 
 
 async def _gather(aws: Iterable[Awaitable[Any]]) -> list[Any]:
