@@ -130,17 +130,8 @@ class Fetcher:
         self.requests += 1
         try:
             async with session.get(url, max_redirects=REDIRECTS) as resp:
-                if resp.status in (404, 410):
+                if not _judge(resp.status, resp.reason, resp.content_length, url, rel, limit):
                     return None
-                if resp.status >= 500:
-                    raise _Retry(f"HTTP {resp.status} {resp.reason}")
-                if resp.status != 200:
-                    raise Rejected("unreachable", f"{url}: HTTP {resp.status} {resp.reason}")
-                declared = resp.content_length
-                if declared is not None and declared > limit:
-                    raise Rejected(
-                        "too-large", f"{rel}: upstream announces {declared} bytes, more than the {limit} declared"
-                    )
                 return await self._stream(resp, rel, limit, algos)
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
             raise _Retry(_describe(exc)) from None
@@ -210,19 +201,12 @@ class Fetcher:
                     if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
                         url = urllib.parse.urljoin(url, resp.getheader("Location", ""))
                         continue
-                    if resp.status in (404, 410):
+                    length = resp.getheader("Content-Length")
+                    declared = int(length) if length and length.isdigit() else None
+                    if not _judge(resp.status, resp.reason, declared, url, rel, limit):
                         return None
-                    if resp.status >= 500:
-                        raise _Retry(f"HTTP {resp.status} {resp.reason}")
-                    if resp.status != 200:
-                        raise Rejected("unreachable", f"{url}: HTTP {resp.status} {resp.reason}")
-                    declared = resp.getheader("Content-Length")
-                    if declared and declared.isdigit() and int(declared) > limit:
-                        raise Rejected(
-                            "too-large", f"{rel}: upstream announces {declared} bytes, more than the {limit} declared"
-                        )
                     body = resp.read(limit + 1)
-                    if declared and declared.isdigit() and len(body) < int(declared):
+                    if declared is not None and len(body) < declared:
                         raise _Retry(f"body cut short: {len(body)} of {declared} bytes")
                 except (OSError, http.client.HTTPException) as exc:
                     raise _Retry(_describe(exc)) from None
@@ -241,6 +225,20 @@ class Fetcher:
                 self.on_bytes(len(body))
             return Download(path, len(body), {a: hashlib.new(HASHLIB_NAMES[a], body).hexdigest() for a in algos})
         raise Rejected("unreachable", f"{url}: too many redirects")
+
+
+def _judge(status: int, reason: str | None, declared: int | None, url: str, rel: str, limit: int) -> bool:
+    """What an HTTP answer means, for both clients: True to read the body, False for absent
+    (404/410); raises _Retry for 5xx, Rejected for other statuses and an announced size past `limit`."""
+    if status in (404, 410):
+        return False
+    if status >= 500:
+        raise _Retry(f"HTTP {status} {reason}")
+    if status != 200:
+        raise Rejected("unreachable", f"{url}: HTTP {status} {reason}")
+    if declared is not None and declared > limit:
+        raise Rejected("too-large", f"{rel}: upstream announces {declared} bytes, more than the {limit} declared")
+    return True
 
 
 def _create(path: Path) -> BinaryIO:

@@ -36,6 +36,12 @@ def mirror_of(tmp_path: Path, up: Upstream, keyring: Path, **overrides: object) 
     return Mirror(tmp_path / "mirror", {"debian": settings})
 
 
+def one_suite(tmp_path: Path, up: Upstream, keyring: Path) -> Mirror:
+    """A mirror of upstream `d`: bookworm, main, amd64."""
+    settings = {"url": up.url, "suites": ["bookworm"], "components": ["main"], "architectures": ["amd64"]}
+    return Mirror(tmp_path / "m", {"d": {**settings, "keyring": keyring}})
+
+
 def test_debian_style_upstream_is_mirrored_and_apt_installs_from_it(
     tmp_path: Path, keys: Callable[..., SigningKey], repo: Callable[..., Repo], serve, apt_client
 ) -> None:
@@ -107,18 +113,7 @@ def test_an_unchanged_package_is_stored_once_across_snapshots(
     r.add("bookworm", "main", "amd64", "small", "1.0")
     r.publish("bookworm", [keys("upstream")])
     up = serve(r)
-    mirror = Mirror(
-        tmp_path / "m",
-        {
-            "d": {
-                "url": up.url,
-                "suites": ["bookworm"],
-                "components": ["main"],
-                "architectures": ["amd64"],
-                "keyring": write_keyring(tmp_path / "k.asc", [keys("upstream")]),
-            }
-        },
-    )
+    mirror = one_suite(tmp_path, up, write_keyring(tmp_path / "k.asc", [keys("upstream")]))
     assert mirror.sync().returncode == 0
     big_requests = sum(1 for p in up.requests if p.endswith("big_1.0_amd64.deb"))
     r.add("bookworm", "main", "amd64", "small", "2.0")
@@ -144,18 +139,7 @@ def test_cosigned_release_with_an_unknown_second_key_is_promoted(
     lines = verify_status(both, r.path("dists/bookworm/InRelease").read_bytes())
     assert sum(1 for line in lines if "GOODSIG" in line) == 2, lines  # really two signatures
     up = serve(r)
-    mirror = Mirror(
-        tmp_path / "m",
-        {
-            "d": {
-                "url": up.url,
-                "suites": ["bookworm"],
-                "components": ["main"],
-                "architectures": ["amd64"],
-                "keyring": write_keyring(tmp_path / "k.asc", [keys("upstream")]),
-            }
-        },
-    )
+    mirror = one_suite(tmp_path, up, write_keyring(tmp_path / "k.asc", [keys("upstream")]))
     run = mirror.sync()
     assert run.returncode == 0 and "promoted" in run.stdout, run.output
     assert keys("upstream").fingerprint in run.stderr  # the signer it trusted
@@ -169,18 +153,7 @@ def test_no_promote_stores_and_promote_serves_it(
     r.publish("bookworm", [keys("upstream")])
     up = serve(r)
     keyring = write_keyring(tmp_path / "k.asc", [keys("upstream")])
-    mirror = Mirror(
-        tmp_path / "m",
-        {
-            "d": {
-                "url": up.url,
-                "suites": ["bookworm"],
-                "components": ["main"],
-                "architectures": ["amd64"],
-                "keyring": keyring,
-            }
-        },
-    )
+    mirror = one_suite(tmp_path, up, keyring)
     assert mirror.sync().returncode == 0
     first = mirror.current("d")
     r.add("bookworm", "main", "amd64", "hello", "2.0")
@@ -217,18 +190,7 @@ def test_status_json_has_the_documented_shape(
     r.add("bookworm", "main", "amd64", "hello", "1.0")
     r.publish("bookworm", [keys("upstream")])
     up = serve(r)
-    mirror = Mirror(
-        tmp_path / "m",
-        {
-            "d": {
-                "url": up.url,
-                "suites": ["bookworm"],
-                "components": ["main"],
-                "architectures": ["amd64"],
-                "keyring": write_keyring(tmp_path / "k.asc", [keys("upstream")]),
-            }
-        },
-    )
+    mirror = one_suite(tmp_path, up, write_keyring(tmp_path / "k.asc", [keys("upstream")]))
     assert mirror.status()["upstreams"]["d"]["current"] is None
     mirror.sync()
     st = mirror.status()["upstreams"]["d"]
@@ -271,18 +233,7 @@ def test_passing_5xx_is_retried_and_a_redirect_to_a_file_url_is_refused(
     r.add("bookworm", "main", "amd64", "hello", "1.0")
     r.publish("bookworm", [keys("upstream")])
     up = serve(r)
-    mirror = Mirror(
-        tmp_path / "m",
-        {
-            "d": {
-                "url": up.url,
-                "suites": ["bookworm"],
-                "components": ["main"],
-                "architectures": ["amd64"],
-                "keyring": write_keyring(tmp_path / "k.asc", [keys("upstream")]),
-            }
-        },
-    )
+    mirror = one_suite(tmp_path, up, write_keyring(tmp_path / "k.asc", [keys("upstream")]))
     up.fault("pool/*", "status", code=503, count=2)
     run = mirror.sync()
     assert run.returncode == 0 and "promoted" in run.stdout, run.output
