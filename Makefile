@@ -44,6 +44,7 @@ bench: setup debs
 	$(BIN)/python bench/sync_vs_aptly.py --results bench/RESULTS.md $(BENCH_ARGS)
 	$(BIN)/python bench/parse_index.py --deb822 --results bench/RESULTS.md
 	$(BIN)/python bench/promote.py --results bench/RESULTS.md
+	$(BIN)/python bench/serve.py
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache

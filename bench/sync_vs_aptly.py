@@ -340,7 +340,9 @@ def bench_shape(shape: str, runs: int, work: Path, tools: list[str]) -> Table:
     classes = {"aptguard": Aptguard, "aptly": Aptly, "apt-mirror2": AptMirror2, "floor": Floor}
     try:
         for r in range(runs):
-            for name in tools:
+            # Each run starts with another tool, so no tool always follows the upstream's build
+            # (or another tool's clean-up) while the disk is still writing it back.
+            for name in tools[r % len(tools) :] + tools[: r % len(tools)]:
                 point(www / "repo", root_a)
                 tool = classes[name](work / f"run{r}" / name, nginx, keyring)
                 if isinstance(tool, Floor):
@@ -350,6 +352,7 @@ def bench_shape(shape: str, runs: int, work: Path, tools: list[str]) -> Table:
                         point(www / "repo", root_b)
                         if isinstance(tool, Floor):
                             tool.source = root_b
+                    os.sync()  # every phase starts with nothing left to write back from the one before
                     m = tool.phase(phase)
                     table.add(name, phase, m)
                     if phase != "no-op":

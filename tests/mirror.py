@@ -64,6 +64,32 @@ class Mirror:
         self.port: int | None = None
         self.write_config()
 
+    @classmethod
+    def single(
+        cls,
+        workdir: Path,
+        url: str,
+        keyring: Path,
+        *,
+        name: str = "up",
+        suites: list[str] | None = None,
+        components: list[str] | None = None,
+        architectures: list[str] | None = None,
+        top: dict[str, Any] | None = None,
+        **settings: Any,
+    ) -> Mirror:
+        """A mirror of one upstream NAME (by default: bookworm, main, amd64); `top`: other config
+        tables or keys ([retention], [warnings], ...); `settings`: more keys of the upstream."""
+        upstream = {
+            "url": url,
+            "suites": suites or ["bookworm"],
+            "components": ["main"] if components is None else components,
+            "architectures": architectures or ["amd64"],
+            "keyring": keyring,
+            **settings,
+        }
+        return cls(workdir, {name: upstream}, **(top or {}))
+
     @property
     def data(self) -> Path:
         return self.workdir / str(self.top["data_dir"])

@@ -77,18 +77,8 @@ def test_kill_9_of_sync_and_gc_at_random_instants_leaves_served_urls_and_fsck_cl
     keyring = write_keyring(tmp_path / "crash.asc", [key])
     r = repo()
     upstream = serve(r)
-    mirror = Mirror(
-        tmp_path / "mirror",
-        {
-            "up": {
-                "url": upstream.url,
-                "suites": [SUITE],
-                "components": ["main"],
-                "architectures": ["amd64"],
-                "keyring": keyring,
-            }
-        },
-        retention={"keep_last": 1, "keep_days": 0},
+    mirror = Mirror.single(
+        tmp_path / "mirror", upstream.url, keyring, suites=[SUITE], top={"retention": {"keep_last": 1, "keep_days": 0}}
     )
     mirror.start_server()
     client = AptClient(tmp_path / "client")

@@ -83,19 +83,7 @@ def make_ops(tmp_path: Path, keys, repo, serve) -> Iterator[Callable[..., Ops]]:
         r = repo()
         r.add(SUITE, "main", "amd64", "base-files", "1.0", size=2500)
         up = serve(r)
-        mirror = Mirror(
-            tmp_path / "mirror",
-            {
-                "up": {
-                    "url": up.url,
-                    "suites": [SUITE],
-                    "components": ["main"],
-                    "architectures": ["amd64"],
-                    "keyring": keyring,
-                }
-            },
-            **top,
-        )
+        mirror = Mirror.single(tmp_path / "mirror", up.url, keyring, suites=[SUITE], top=top)
         mirrors.append(mirror)
         mirror.start_server()
         return Ops(r, up, mirror, key, keyring, tmp_path)

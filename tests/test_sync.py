@@ -38,8 +38,7 @@ def mirror_of(tmp_path: Path, up: Upstream, keyring: Path, **overrides: object) 
 
 def one_suite(tmp_path: Path, up: Upstream, keyring: Path) -> Mirror:
     """A mirror of upstream `d`: bookworm, main, amd64."""
-    settings = {"url": up.url, "suites": ["bookworm"], "components": ["main"], "architectures": ["amd64"]}
-    return Mirror(tmp_path / "m", {"d": {**settings, "keyring": keyring}})
+    return Mirror.single(tmp_path / "m", up.url, keyring, name="d")
 
 
 def test_debian_style_upstream_is_mirrored_and_apt_installs_from_it(

@@ -122,18 +122,7 @@ def make_scene(
         r.add(SUITE, "main", "amd64", "tool", "1.0", pool=pool)
         r.add(SUITE, "contrib", "amd64", "extra", "0.5", pool=pool)
         up = serve(r)
-        mirror = Mirror(
-            tmp_path / "mirror",
-            {
-                "up": {
-                    "url": up.url,
-                    "suites": [SUITE],
-                    "components": COMPONENTS,
-                    "architectures": ["amd64"],
-                    "keyring": keyring,
-                }
-            },
-        )
+        mirror = Mirror.single(tmp_path / "mirror", up.url, keyring, suites=[SUITE], components=COMPONENTS)
         direct = AptClient(tmp_path / "direct")
         direct.set_sources([AptClient.source_line(up.url, SUITE, COMPONENTS, keyring)])
         old_deb = r.deb_path(SUITE, "main", "amd64", "hello").read_bytes()
