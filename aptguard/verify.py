@@ -420,7 +420,10 @@ def needed_indices(release: TrustedRelease, upstream: UpstreamConfig) -> list[In
     comps = [""] if flat else [c + "/" for c in upstream.components]
     archs = list(upstream.architectures)
     listed_archs = release.fields.get("Architectures", "").split()
-    if not flat and ("all" in listed_archs or not listed_archs) and "all" not in archs:
+    # apt fetches binary-all too, unless the Release says arch:all packages are already listed in
+    # every architecture's Packages (Debian: "No-Support-for-Architecture-all: Packages").
+    all_separate = release.fields.get("No-Support-for-Architecture-all", "") != "Packages"
+    if not flat and all_separate and ("all" in listed_archs or not listed_archs) and "all" not in archs:
         archs.append("all")
     for comp in comps:
         for arch in archs:

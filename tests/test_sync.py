@@ -241,3 +241,24 @@ def test_passing_5xx_is_retried_and_a_redirect_to_a_file_url_is_refused(
     up.fault("pool/*", "redirect", location="file:///etc/passwd")
     run = mirror.sync()
     assert run.returncode == 1 and "rejected [unreachable]" in run.stdout, run.output
+
+
+def test_binary_all_is_fetched_only_when_apt_would_fetch_it(
+    tmp_path: Path, keys: Callable[..., SigningKey], repo: Callable[..., Repo], serve
+) -> None:
+    """apt reads binary-all when the Release lists "all", unless the Release says arch:all packages
+    are already in every architecture's Packages (as Debian's does)."""
+    r = repo()
+    r.add("bookworm", "main", "amd64", "hello", "1.0")
+    r.add("bookworm", "main", "all", "hello-doc", "1.0")
+    r.publish("bookworm", [keys("upstream")])
+    assert "all" in r.path("dists/bookworm/Release").read_text().split("Architectures:")[1].split("\n")[0]
+    up = serve(r)
+    mirror = one_suite(tmp_path, up, write_keyring(tmp_path / "k.asc", [keys("upstream")]))
+    assert mirror.sync().returncode == 0
+    assert any("/binary-all/" in p for p in up.requests)
+    r.publish("bookworm", [keys("upstream")], extra_fields={"No-Support-for-Architecture-all": "Packages"})
+    before = len(up.requests)
+    run = mirror.sync()
+    assert run.returncode == 0 and "promoted" in run.stdout, run.output
+    assert not any("/binary-all/" in p for p in up.requests[before:]), up.requests[before:]
