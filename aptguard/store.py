@@ -67,14 +67,17 @@ class FileStore:
         except FileNotFoundError:
             return None
 
-    def adopt(self, tmp_file: Path, sha256: str) -> Path:
+    def adopt(self, tmp_file: Path, sha256: str, mtime: float | None = None) -> Path:
         """Move a verified download into the object store (or drop it if the object exists).
 
-        `tmp_file` was created read-only (mode 0444), as every stored object must be."""
+        `tmp_file` was created read-only (mode 0444), as every stored object must be. `mtime`,
+        when given, becomes its modification time: what both servers send as Last-Modified."""
         dest = self.object_path(sha256)
         if dest.exists():
             tmp_file.unlink(missing_ok=True)
             return dest
+        if mtime is not None:
+            os.utime(tmp_file, (mtime, mtime))
         try:
             os.rename(tmp_file, dest)
         except FileNotFoundError:  # a data folder from before the fan-out folders were made up front

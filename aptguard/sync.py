@@ -388,7 +388,10 @@ class _Sync:
         paths: list[str] = []
         for name, download in s.signed.items():
             path = release.base + name
-            self.store.adopt(download.path, download.hashes["sha256"])
+            # Last-Modified of InRelease, Release and Release.gpg is the Release's Date, as on the
+            # upstream: apt takes a 200 whose Last-Modified equals its copy's as unchanged, so two
+            # downloads within one second must not both say "now".
+            self.store.adopt(download.path, download.hashes["sha256"], mtime=release.date.timestamp())
             snap.add(path, _record(download.size, {"sha256": download.hashes["sha256"]}))
             paths.append(path)
         groups = verify.needed_indices(release, self.up)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import email.utils
 import hashlib
 import json
 import os
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -73,6 +76,14 @@ def test_debian_style_upstream_is_mirrored_and_apt_installs_from_it(
         got = amd.download("hello")
         assert got.returncode == 0
         assert got.files[0].read_bytes() == r.deb_path("bookworm-updates", "main", "amd64", "hello").read_bytes()
+        # Last-Modified of the signed files is the Release's Date, as upstream (apt compares it)
+        with urllib.request.urlopen(f"{mirror.url}/debian/dists/bookworm/InRelease") as resp:
+            date = next(
+                ln for ln in r.path("dists/bookworm/Release").read_text().splitlines() if ln.startswith("Date:")
+            )
+            assert email.utils.parsedate_to_datetime(
+                resp.headers["Last-Modified"]
+            ) == email.utils.parsedate_to_datetime(date.split(":", 1)[1].strip())
         # InRelease, indices and packages are the upstream's bytes, unchanged
         for rel in ("dists/bookworm/InRelease", "dists/bookworm/Release", "dists/bookworm/Release.gpg"):
             assert mirror.get(f"/debian/{rel}") == (200, r.path(rel).read_bytes())
@@ -156,7 +167,8 @@ def test_no_promote_stores_and_promote_serves_it(
     assert mirror.sync().returncode == 0
     first = mirror.current("d")
     r.add("bookworm", "main", "amd64", "hello", "2.0")
-    r.publish("bookworm", [keys("upstream")])
+    # The next release is dated later, as a real one is (Dates have whole seconds).
+    r.publish("bookworm", [keys("upstream")], date=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2))
     run = mirror.sync("--no-promote")
     assert run.returncode == 0 and "stored" in run.stdout, run.output
     assert mirror.last_sync("d")["outcome"] == "stored"
