@@ -336,7 +336,9 @@ def _snapshot_ref(store: FileStore, name: str, ref: str) -> str:
     if ref == "current":
         found = store.current(name)
     elif ref == "previous":
-        found = store.read_state(name).get("previous")
+        from aptguard.snapshot import rollback_target
+
+        found = rollback_target(store, name)
     else:
         found = ref
     if found is None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from aptguard.gc import leftovers
+from aptguard.snapshot import rollback_target
 from aptguard.store import FileStore
 
 HASH_NAMES = {"md5": "MD5Sum", "sha1": "SHA1", "sha256": "SHA256", "sha512": "SHA512"}
@@ -137,7 +138,7 @@ def _check_pointers(store: FileStore, names: list[str], damaged: Callable[[str, 
         current = store.current(name)
         if current is not None and current not in ids:
             damaged(f"current/{name}", f"points to snapshot {current}, which is not stored")
-        previous = store.read_state(name).get("previous")
+        previous = rollback_target(store, name)
         if previous is not None and previous not in ids:
             damaged(f"state/{name}.json", f"rollback target {previous} is not stored")
     for pin_name, (name, snap_id) in store.pins().items():

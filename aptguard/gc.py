@@ -1,7 +1,7 @@
 """Garbage collection: apply [retention], then delete every stored file no snapshot uses.
 
 Kept, always: the current snapshot, every pinned one and the rollback target (state
-"previous"); then the `keep_last` newest and every one younger than `keep_days`.
+rollback_targets, see snapshot.rollback_target); then the `keep_last` newest and every one younger than `keep_days`.
 
 Safe while `sync` and `serve` run: gc holds the collection lock exclusively (every sync holds
 it shared for its whole run, so no sync is between "this object is stored" and "link it"), and
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from aptguard.config import Config
+from aptguard.snapshot import rollback_target
 from aptguard.store import FileStore
 
 # tmp/ entries made by syncs (under the shared collection lock) and by gc itself: with the
@@ -42,7 +43,7 @@ def keep_reasons(
     for pin_name, (pin_upstream, snap_id) in store.pins().items():
         if pin_upstream == name and snap_id in reasons:
             reasons[snap_id].append(f"pin {pin_name}")
-    previous = state.get("previous")
+    previous = rollback_target(store, name, state)
     if previous in reasons:
         reasons[previous].append("rollback target")
     for snap_id in ids[-keep_last:]:

@@ -47,17 +47,38 @@ def require_snapshot(store: FileStore, name: str, snap_id: str) -> None:
         )
 
 
+def rollback_target(store: FileStore, name: str, state: dict[str, Any] | None = None) -> str | None:
+    """The snapshot `rollback` returns to: the one the current snapshot replaced.
+
+    It is recorded keyed by the snapshot it belongs to, before current/NAME is swapped, so a kill
+    between the two writes leaves the right target for whichever snapshot ends up current."""
+    current = store.current(name)
+    state = store.read_state(name) if state is None else state
+    return state.get("rollback_targets", {}).get(current) if current else None
+
+
+def switch_current(
+    store: FileStore, name: str, state: dict[str, Any], new: str, old: str | None, *, hold: bool
+) -> None:
+    """Record `old` as `new`'s rollback target and the hold, then make `new` current (under the
+    upstream's lock). State first: see rollback_target."""
+    stored = set(store.snapshot_ids(name))
+    targets = {k: v for k, v in state.get("rollback_targets", {}).items() if k in stored}
+    if old is not None and old != new:
+        targets[new] = old
+    state["rollback_targets"] = targets
+    state["hold"] = hold
+    store.write_state(name, state)
+    if old != new:
+        store.set_current(name, new)
+
+
 def promote(store: FileStore, name: str, snap_id: str) -> str | None:
     """Make a verified snapshot current and clear a hold; returns the snapshot it replaced."""
     with store.lock(name, wait_message=f"{name}: waiting for another aptguard process to finish"):
         require_snapshot(store, name, snap_id)
         old = store.current(name)
-        state = store.read_state(name)
-        if old != snap_id:
-            store.set_current(name, snap_id)
-            state["previous"] = old
-        state["hold"] = False
-        store.write_state(name, state)
+        switch_current(store, name, store.read_state(name), snap_id, old, hold=False)
         return old
 
 
@@ -75,7 +96,7 @@ def rollback(store: FileStore, name: str, to: str | None = None) -> tuple[str | 
     with store.lock(name, wait_message=f"{name}: waiting for another aptguard process to finish"):
         state = store.read_state(name)
         old = store.current(name)
-        target = to or state.get("previous")
+        target = to or rollback_target(store, name, state)
         if target is None:
             raise Refused(
                 f"{name}: no previous snapshot to roll back to (nothing was promoted over another snapshot); "
@@ -86,11 +107,7 @@ def rollback(store: FileStore, name: str, to: str | None = None) -> tuple[str | 
                 f"{name}: the rollback target {target} is not a stored snapshot any more; "
                 f"pick one from `aptguard snapshots {name}` and run `aptguard rollback {name} --to ID`"
             )
-        if target != old:
-            store.set_current(name, target)
-            state["previous"] = old
-        state["hold"] = True
-        store.write_state(name, state)
+        switch_current(store, name, state, target, old, hold=True)
         return old, target
 
 

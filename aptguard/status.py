@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aptguard.config import Config
+from aptguard.snapshot import rollback_target
 from aptguard.store import FileStore
 
 
@@ -78,7 +79,7 @@ def upstream_status(config: Config, store: FileStore, name: str, now: datetime |
             else None
         ),
         "last_success": state.get("last_success"),
-        "previous": state.get("previous"),
+        "previous": rollback_target(store, name, state),
         "suites": suites,
         "keys": keys,
         "warnings": warnings,

@@ -30,6 +30,7 @@ from aptguard.fetch import Download, Fetcher
 from aptguard.keyring import Keyring
 from aptguard.progress import Progress
 from aptguard.reasons import Rejected
+from aptguard.snapshot import switch_current
 from aptguard.store import FileStore, Tree, new_snapshot_id, storage_error, write_atomic
 
 INRELEASE_LIMIT = 10_000_000  # apt's own cap on InRelease
@@ -155,8 +156,6 @@ def _record_outcome(store: FileStore, up: UpstreamConfig, result: SyncResult, at
             state["last_success"] = state["last_sync"]["at"]
         if result.stats.get("keys") is not None:
             state["keys"] = result.stats.pop("keys")
-        if result.outcome == "promoted":
-            state["previous"] = result.previous
         counts = state.setdefault("outcomes", {})  # "OUTCOME:REASON" -> syncs, for /metrics
         key = f"{result.outcome}:{result.reason or ''}"
         counts[key] = counts.get(key, 0) + 1
@@ -245,7 +244,7 @@ class _Sync:
         }
         held = bool(state.get("hold"))
         if promote and not held:
-            store.set_current(up.name, snap_id)
+            switch_current(store, up.name, store.read_state(up.name), snap_id, current_id, hold=False)
             self.log(f"{up.name}: promoted snapshot {snap_id} ({manifest['count']} files)")
             return SyncResult(up.name, "promoted", snapshot=snap_id, previous=current_id, stats=stats)
         why = "on hold (rollback): `aptguard promote` to serve it" if held else "--no-promote"

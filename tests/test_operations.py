@@ -154,6 +154,25 @@ def test_rollback_twice_undoes_and_without_a_previous_snapshot_is_refused(ops: O
     assert run.returncode == 1 and "not a stored snapshot" in run.stderr, run.output
 
 
+def test_rollback_target_is_right_whichever_side_of_a_kill_the_promotion_stopped(ops: Ops) -> None:
+    """A promotion records the rollback target, keyed by the new snapshot, before it swaps
+    current/NAME. A kill between the two leaves current on the old snapshot, whose own target
+    must still hold (simulated here by putting the pointer back as such a kill leaves it)."""
+    s1 = ops.release(1)
+    s2 = ops.release(2)
+    s3 = ops.release(3)
+    assert ops.mirror.status()["upstreams"]["up"]["previous"] == s2
+    link = ops.mirror.data / "current" / "up"
+    tmp_link = link.with_name(".up.test")
+    tmp_link.symlink_to(f"../snapshots/up/{s2}")
+    tmp_link.replace(link)
+    st = ops.mirror.status()["upstreams"]["up"]
+    assert (st["current"], st["previous"]) == (s2, s1), st
+    assert ops.run("rollback", "up").returncode == 0
+    assert ops.mirror.current("up") == s1
+    assert s3 in {s["id"] for s in ops.mirror.snapshots("up")}
+
+
 def test_apt_keeps_newer_lists_after_a_rollback_until_pointed_at_the_snapshot(ops: Ops) -> None:
     """SPEC §3 note: apt ignores a Release older than the one it has; a snapshot URL moves it back."""
     s1 = ops.release(1)
