@@ -320,16 +320,15 @@ class _Sync:
         for name, download in zip(("Release", "Release.gpg"), extra, strict=True):
             if download is not None:
                 signed[name] = download
+        body = {name: download.read() for name, download in signed.items()}  # each read once
         if inrelease is not None:
             where = base + "InRelease"
-            text, signers = verify.verify_inrelease(inrelease.read(), self.keyring, where)
+            text, signers = verify.verify_inrelease(body["InRelease"], self.keyring, where)
             if "Release" in signed:
-                verify.signed_files_match(text, signed["Release"].read(), where)
+                verify.signed_files_match(text, body["Release"], where)
                 if "Release.gpg" in signed:
                     try:
-                        verify.verify_detached(
-                            signed["Release"].read(), signed["Release.gpg"].read(), self.keyring, base + "Release.gpg"
-                        )
+                        verify.verify_detached(body["Release"], body["Release.gpg"], self.keyring, base + "Release.gpg")
                     except Rejected as exc:
                         # apt reads Release.gpg only when InRelease is a 404, which it never is here.
                         # A stale one (Debian mirrors serve them mid-sync) must not block a verified
@@ -344,9 +343,7 @@ class _Sync:
                     f"{fetcher.base_url}{base}: no InRelease, and no {missing} (HTTP 404)",
                 )
             where = base + "Release.gpg"
-            text, signers = verify.verify_detached(
-                signed["Release"].read(), signed["Release.gpg"].read(), self.keyring, where
-            )
+            text, signers = verify.verify_detached(body["Release"], body["Release.gpg"], self.keyring, where)
         release = verify.check_release(text, signers, self.up, suite, now, where)
         unchanged = bool(old_signed) and all(
             old_signed.get(n) == (signed[n].hashes["sha256"] if n in signed else None) for n in SIGNED_NAMES
@@ -402,7 +399,7 @@ class _Sync:
                 snap.add(expected.path, _record(expected.size, expected.hashes))
                 paths.append(expected.path)
                 if release.by_hash:
-                    for hashed_path, _sha in verify.by_hash_paths(release, expected):
+                    for hashed_path in verify.by_hash_paths(expected):
                         verify.check_path(hashed_path, release.base + "Release")
                         snap.add(hashed_path, _record(expected.size, expected.hashes))
                         paths.append(hashed_path)

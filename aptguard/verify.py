@@ -460,18 +460,18 @@ def needed_indices(release: TrustedRelease, upstream: UpstreamConfig) -> list[In
     return groups
 
 
-def by_hash_paths(release: TrustedRelease, entry: Expected) -> Iterator[tuple[str, str]]:
-    """(by-hash path, sha256 of the content) for every hash type the Release lists for an index."""
-    folder = entry.path.rsplit("/", 1)[0]
-    for algo, digest in entry.hashes.items():
-        yield f"{folder}/by-hash/{BY_HASH_DIR[algo]}/{digest}", entry.hashes["sha256"]
+def _by_hash(entry: Expected, algo: str) -> str:
+    return f"{entry.path.rsplit('/', 1)[0]}/by-hash/{BY_HASH_DIR[algo]}/{entry.hashes[algo]}"
+
+
+def by_hash_paths(entry: Expected) -> Iterator[str]:
+    """The by-hash path of an index for every hash type the Release lists for it."""
+    return (_by_hash(entry, algo) for algo in entry.hashes)
 
 
 def by_hash_fetch_path(entry: Expected) -> str:
     """The by-hash path apt asks for: the strongest hash type the Release lists for the file."""
-    algo = next(a for a in ("sha512", "sha256", "sha1", "md5") if a in entry.hashes)
-    folder = entry.path.rsplit("/", 1)[0]
-    return f"{folder}/by-hash/{BY_HASH_DIR[algo]}/{entry.hashes[algo]}"
+    return _by_hash(entry, next(a for a in ("sha512", "sha256", "sha1", "md5") if a in entry.hashes))
 
 
 def check_path(path: str, where: str) -> str:

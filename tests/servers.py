@@ -22,7 +22,7 @@ from aiohttp import web
 from fixtures.keys import SigningKey, write_keyring
 from fixtures.repo import Repo
 from fixtures.upstream import Upstream
-from tests.mirror import Mirror, free_port
+from tests.mirror import Mirror, free_port, stop_process
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
@@ -80,12 +80,7 @@ class Nginx:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc)
             self.proc = None
 
 

@@ -9,7 +9,10 @@ import json
 import os
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 from fixtures.apt import AptClient
 from fixtures.keys import SigningKey, verify_status, write_keyring
@@ -44,14 +47,45 @@ def one_suite(tmp_path: Path, up: Upstream, keyring: Path) -> Mirror:
     return Mirror.single(tmp_path / "m", up.url, keyring, name="d")
 
 
-def test_debian_style_upstream_is_mirrored_and_apt_installs_from_it(
-    tmp_path: Path, keys: Callable[..., SigningKey], repo: Callable[..., Repo], serve, apt_client
-) -> None:
+@dataclass
+class Hello:
+    """An upstream publishing hello 1.0 in bookworm/main/amd64, and a mirror of it (not synced yet)."""
+
+    repo: Repo
+    up: Upstream
+    keyring: Path
+    mirror: Mirror
+    key: SigningKey
+
+    def release(self, version: str, **publish: object) -> None:
+        """The upstream publishes hello VERSION."""
+        self.repo.add("bookworm", "main", "amd64", "hello", version)
+        self.repo.publish("bookworm", [self.key], **publish)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def hello(tmp_path: Path, keys: Callable[..., SigningKey], repo: Callable[..., Repo], serve) -> Hello:
+    r = repo()
+    r.add("bookworm", "main", "amd64", "hello", "1.0")
+    r.publish("bookworm", [keys("upstream")])
+    up = serve(r)
+    keyring = write_keyring(tmp_path / "k.asc", [keys("upstream")])
+    return Hello(r, up, keyring, one_suite(tmp_path, up, keyring), keys("upstream"))
+
+
+def debian_upstream(repo: Callable[..., Repo], keys: Callable[..., SigningKey], serve) -> tuple[Repo, Upstream]:
+    """debian_like(), both suites published and served."""
     r = repo()
     debian_like(r)
     for suite in ("bookworm", "bookworm-updates"):
         r.publish(suite, [keys("upstream")])
-    up = serve(r)
+    return r, serve(r)
+
+
+def test_debian_style_upstream_is_mirrored_and_apt_installs_from_it(
+    tmp_path: Path, keys: Callable[..., SigningKey], repo: Callable[..., Repo], serve, apt_client
+) -> None:
+    r, up = debian_upstream(repo, keys, serve)
     keyring = write_keyring(tmp_path / "debian.asc", [keys("upstream")])
     mirror = mirror_of(tmp_path, up, keyring)
     run = mirror.sync()
@@ -99,11 +133,7 @@ def test_debian_style_upstream_is_mirrored_and_apt_installs_from_it(
 def test_unchanged_upstream_costs_one_request_per_suite_and_no_snapshot(
     tmp_path: Path, keys: Callable[..., SigningKey], repo: Callable[..., Repo], serve
 ) -> None:
-    r = repo()
-    debian_like(r)
-    for suite in ("bookworm", "bookworm-updates"):
-        r.publish(suite, [keys("upstream")])
-    up = serve(r)
+    r, up = debian_upstream(repo, keys, serve)
     mirror = mirror_of(tmp_path, up, write_keyring(tmp_path / "k.asc", [keys("upstream")]))
     assert mirror.sync().returncode == 0
     before = len(up.requests)
@@ -155,20 +185,12 @@ def test_cosigned_release_with_an_unknown_second_key_is_promoted(
     assert keys("upstream").fingerprint in run.stderr  # the signer it trusted
 
 
-def test_no_promote_stores_and_promote_serves_it(
-    tmp_path: Path, keys: Callable[..., SigningKey], repo: Callable[..., Repo], serve
-) -> None:
-    r = repo()
-    r.add("bookworm", "main", "amd64", "hello", "1.0")
-    r.publish("bookworm", [keys("upstream")])
-    up = serve(r)
-    keyring = write_keyring(tmp_path / "k.asc", [keys("upstream")])
-    mirror = one_suite(tmp_path, up, keyring)
+def test_no_promote_stores_and_promote_serves_it(tmp_path: Path, hello: Hello) -> None:
+    mirror, keyring = hello.mirror, hello.keyring
     assert mirror.sync().returncode == 0
     first = mirror.current("d")
-    r.add("bookworm", "main", "amd64", "hello", "2.0")
     # The next release is dated later, as a real one is (Dates have whole seconds).
-    r.publish("bookworm", [keys("upstream")], date=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2))
+    hello.release("2.0", date=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2))
     run = mirror.sync("--no-promote")
     assert run.returncode == 0 and "stored" in run.stdout, run.output
     assert mirror.last_sync("d")["outcome"] == "stored"
@@ -194,14 +216,8 @@ def test_no_promote_stores_and_promote_serves_it(
         mirror.stop_server()
 
 
-def test_status_json_has_the_documented_shape(
-    tmp_path: Path, keys: Callable[..., SigningKey], repo: Callable[..., Repo], serve
-) -> None:
-    r = repo()
-    r.add("bookworm", "main", "amd64", "hello", "1.0")
-    r.publish("bookworm", [keys("upstream")])
-    up = serve(r)
-    mirror = one_suite(tmp_path, up, write_keyring(tmp_path / "k.asc", [keys("upstream")]))
+def test_status_json_has_the_documented_shape(hello: Hello) -> None:
+    mirror = hello.mirror
     assert mirror.status()["upstreams"]["d"]["current"] is None
     mirror.sync()
     st = mirror.status()["upstreams"]["d"]
@@ -237,19 +253,12 @@ def test_one_bad_upstream_does_not_stop_the_others(
     assert mirror.current("good") is not None and mirror.current("bad") is None
 
 
-def test_passing_5xx_is_retried_and_a_redirect_to_a_file_url_is_refused(
-    tmp_path: Path, keys: Callable[..., SigningKey], repo: Callable[..., Repo], serve
-) -> None:
-    r = repo()
-    r.add("bookworm", "main", "amd64", "hello", "1.0")
-    r.publish("bookworm", [keys("upstream")])
-    up = serve(r)
-    mirror = one_suite(tmp_path, up, write_keyring(tmp_path / "k.asc", [keys("upstream")]))
+def test_passing_5xx_is_retried_and_a_redirect_to_a_file_url_is_refused(hello: Hello) -> None:
+    mirror, up = hello.mirror, hello.up
     up.fault("pool/*", "status", code=503, count=2)
     run = mirror.sync()
     assert run.returncode == 0 and "promoted" in run.stdout, run.output
-    r.add("bookworm", "main", "amd64", "hello", "2.0")
-    r.publish("bookworm", [keys("upstream")])
+    hello.release("2.0")
     up.fault("pool/*", "redirect", location="file:///etc/passwd")
     run = mirror.sync()
     assert run.returncode == 1 and "rejected [unreachable]" in run.stdout, run.output
