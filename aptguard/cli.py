@@ -86,8 +86,8 @@ def sync(
     ] = "text",
 ) -> None:
     """Fetch, verify, store and promote a new snapshot of every (or each named) upstream."""
-    from aptguard.keyring import Keyring
-    from aptguard.sync import sync_upstream
+    from aptguard.keyring import read_keyring
+    from aptguard.sync import SyncResult, sync_upstream
 
     if log_format not in ("text", "json"):
         _fail(f"--log-format: expected text or json, got {log_format!r}")
@@ -95,13 +95,12 @@ def sync(
     selected = [_upstream(config, n) for n in names] if names else list(config.upstreams.values())
     if not selected:
         _fail(f"{config.path}: no [upstreams.NAME] configured; nothing to sync")
+    for up in selected:  # every keyring is read before any network or disk work
+        try:
+            read_keyring(up.keyring)
+        except UsageError as exc:
+            _fail(f"{exc} (upstreams.{up.name}.keyring in {config.path})")
     with ExitStack() as stack:
-        keyrings = {}
-        for up in selected:  # every keyring is read before any network or disk work
-            try:
-                keyrings[up.name] = stack.enter_context(Keyring(up.keyring))
-            except UsageError as exc:
-                _fail(f"{exc} (upstreams.{up.name}.keyring in {config.path})")
         try:
             store.ensure()
         except OSError as exc:
@@ -114,17 +113,19 @@ def sync(
         async def run_all() -> list[Any]:
             results = []
             for up in selected:
-                results.append(
-                    await sync_upstream(
+                try:
+                    result = await sync_upstream(
                         up,
                         store,
                         promote=not no_promote,
                         allow_release_change=allow_release_change,
-                        keyring=keyrings[up.name],
+                        limits=config.limits,
                         log=log,
                         progress=progress,
                     )
-                )
+                except OSError as exc:  # the lock or the state file: this upstream fails, the next one syncs
+                    result = SyncResult(up.name, "rejected", "storage-error", f"{config.data_dir}: {exc}")
+                results.append(result)
                 progress.end(up.name)
             return results
 

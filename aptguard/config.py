@@ -10,6 +10,7 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,15 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What a hostile or broken upstream may cost one sync (SPEC §1 [limits])."""
+
+    sync_timeout: float = 6 * 3600.0  # seconds: one upstream's sync ends as `unreachable` after this
+    min_rate: int = 1024  # bytes per second, averaged over 60 s; 0 turns the rule off
+    max_index_bytes: int = 2 * 1024**3  # no index is decompressed past this
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     data_dir: Path
@@ -48,6 +58,7 @@ class Config:
     key_expiry_margin_days: float = 30.0
     stale_sync_hours: float = 48.0
     upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
+    limits: Limits = field(default_factory=Limits)
 
 
 def find_config(explicit: str | None) -> Path:
@@ -152,6 +163,8 @@ def load_config(path: Path) -> Config:
             warn.fail(key, "a number >= 0", margins[key])
     warn.done(set(margins))
 
+    limits = _limits(_Reader(path, "limits", top.take("limits", dict, {}, "a [limits] table")))
+
     upstreams: dict[str, UpstreamConfig] = {}
     tables = top.take("upstreams", dict, {}, "[upstreams.NAME] tables")
     for name, table in tables.items():
@@ -161,7 +174,7 @@ def load_config(path: Path) -> Config:
                 f"{', '.join(sorted(RESERVED))}"
             )
         upstreams[name] = _upstream(path, base, name, table)
-    top.done({"data_dir", "server", "retention", "warnings", "upstreams"})
+    top.done({"data_dir", "server", "retention", "warnings", "limits", "upstreams"})
     return Config(
         path=path,
         data_dir=(base / data_dir),
@@ -172,7 +185,66 @@ def load_config(path: Path) -> Config:
         key_expiry_margin_days=float(margins["key_expiry_days"]),
         stale_sync_hours=float(margins["stale_sync_hours"]),
         upstreams=upstreams,
+        limits=limits,
     )
+
+
+def _limits(r: _Reader) -> Limits:
+    expected = {
+        "sync_timeout": 'a duration such as "6h", "15m", "30s" or "1h30m", more than 0',
+        "min_rate": 'a rate such as "1KiB/s", "500B/s" or "2MiB/s" ("0B/s": no minimum)',
+        "max_index_bytes": 'a size such as "2GiB", "500MiB" or "1000000" (bytes), more than 0',
+    }
+    values: dict[str, Any] = {}
+    for key, parse in (("sync_timeout", parse_duration), ("min_rate", parse_rate), ("max_index_bytes", parse_size)):
+        text = r.take(key, (str, int) if key == "max_index_bytes" else str, None, expected[key])
+        if text is None:
+            continue
+        value = parse(str(text))
+        if value is None or (value <= 0 and key != "min_rate"):
+            r.fail(key, expected[key], text)
+        values[key] = value
+    r.done(set(expected))
+    return Limits(**values)
+
+
+_DURATION_RE = re.compile(r"(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?")
+_SIZE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?) ?([KMGT]i?B|kB|B)?")
+_UNITS = {"B": 1, "kB": 1000, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4}
+_UNITS |= {"KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4}
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in "6h", "15m", "30s", "1h30m", "2d"; None if `text` is not such a duration."""
+    match = _DURATION_RE.fullmatch(text.strip())
+    if not text.strip() or match is None or len(text) > 40:
+        return None
+    days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
+    return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+
+
+def parse_size(text: str) -> int | None:
+    """Bytes in "2GiB", "500MiB", "1.5GB", "1000000"; None if `text` is not such a size."""
+    match = _SIZE_RE.fullmatch(text.strip())
+    if match is None or len(match.group(1)) > 30:
+        return None
+    return int(Fraction(match.group(1)) * _UNITS[match.group(2) or "B"])
+
+
+def parse_rate(text: str) -> int | None:
+    """Bytes per second in "1KiB/s", "500B/s", "2MiB/s"; None if `text` is not such a rate."""
+    size, slash, per = text.strip().rpartition("/")
+    if not slash or per != "s":
+        return None
+    return parse_size(size)
+
+
+def format_rate(rate: int) -> str:
+    """The shortest exact spelling of a rate, as parse_rate reads it: 1024 -> "1KiB/s"."""
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        if rate and rate % _UNITS[unit] == 0:
+            return f"{rate // _UNITS[unit]}{unit}/s"
+    return f"{rate}B/s"
 
 
 def _upstream(path: Path, base: Path, name: str, table: Any) -> UpstreamConfig:

@@ -27,6 +27,7 @@ REASONS = frozenset(
         "unsafe-path",
         "too-large",
         "storage-error",
+        "internal-error",
     }
 )
 
@@ -53,6 +54,7 @@ ADVICE = {
     "unsafe-path": "the upstream names a path outside the repository: it is hostile or broken; report it",
     "too-large": "a download ran past its declared size: the upstream is broken or hostile",
     "storage-error": "the local disk failed (full or read-only): free space or fix the disk, then sync again",
+    "internal-error": "a bug in aptguard: report it with the log's traceback; the other upstreams still synced",
 }
 
 

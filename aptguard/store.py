@@ -7,9 +7,10 @@
     meta/NAME/ID.json            the snapshot's manifest: what was verified, per file
     meta/NAME/ID.byhash.json     its own by-hash entries, carried into later snapshots by sync
     state/NAME.json              hold, rollback target, last sync outcome
-    locks/NAME.lock              one writer per upstream
+    locks/sync+NAME.lock         one writer per upstream ("+" is in no upstream name: no clash with gc.lock)
     locks/gc.lock                shared by every sync, exclusive for gc: no object vanishes mid-sync
-    tmp/                         downloads and trees being built; never served
+    tmp/                         downloads, gpg homes and trees being built; never served
+    log/aptguard.log             tracebacks of internal errors, for a bug report
 
 Nothing becomes visible before it is complete: trees are built in tmp/ and renamed into
 snapshots/, objects are renamed into objects/, and the only change clients see is the
@@ -55,6 +56,14 @@ class FileStore:
         if not (self.objects / "ff").is_dir():  # the 256 fan-out folders, once: adopt() never mkdirs
             for n in range(256):
                 (self.objects / f"{n:02x}").mkdir(exist_ok=True)
+
+    def log_error(self, text: str) -> Path:
+        """Append a traceback to log/aptguard.log (kept out of the terminal); where it went."""
+        path = self.root / "log" / "aptguard.log"
+        path.parent.mkdir(exist_ok=True)
+        with open(path, "a", encoding="utf-8") as out:
+            out.write(text if text.endswith("\n") else text + "\n")
+        return path
 
     # ------------------------------------------------------------ objects
 
@@ -205,7 +214,7 @@ class FileStore:
     @contextlib.contextmanager
     def lock(self, name: str, *, wait_message: str | None = None) -> Iterator[None]:
         """One writer per upstream; a second waits (a cron sync overlapping a slow one)."""
-        path = self.root / "locks" / f"{name}.lock"
+        path = self.root / "locks" / f"sync+{name}.lock"
         with open(path, "a+") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -8,16 +8,13 @@ rejected or interrupted sync changes nothing that clients are served.
 from __future__ import annotations
 
 import asyncio
-import bz2
 import contextlib
-import gzip
 import hashlib
 import json
-import lzma
 import os
 import shutil
 import time
-import zlib
+import traceback
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from aptguard import verify
-from aptguard.config import UpstreamConfig
+from aptguard.config import Limits, UpstreamConfig
 from aptguard.fetch import Download, Fetcher
 from aptguard.keyring import Keyring
 from aptguard.progress import Progress
@@ -34,6 +31,7 @@ from aptguard.snapshot import switch_current
 from aptguard.store import FileStore, Tree, new_snapshot_id, storage_error, write_atomic
 
 INRELEASE_LIMIT = 10_000_000  # apt's own cap on InRelease
+SIGNATURE_LIMIT = 1_000_000  # a Release.gpg: Debian's, three signatures, is under 3 KB
 SIGNED_NAMES = ("InRelease", "Release", "Release.gpg")
 Log = Callable[[str], None]
 
@@ -99,16 +97,18 @@ async def sync_upstream(
     *,
     promote: bool = True,
     allow_release_change: bool = False,
-    keyring: Keyring | None = None,
+    limits: Limits | None = None,
     log: Log = lambda msg: None,
     concurrency: int = 16,
     progress: Progress | None = None,
 ) -> SyncResult:
     """Sync one upstream under its lock and record the outcome in its state.
 
-    `keyring` may be given already opened (the CLI checks every keyring before any work).
+    Whatever happens inside, the result is an outcome: a failure of this upstream (a hostile
+    answer, a bug, the sync_timeout) is its own rejection, and the caller goes on with the next.
     """
     started = time.monotonic()
+    limits = limits or Limits()
     with (
         store.collection_lock(exclusive=False, wait_message=f"{up.name}: waiting for a running gc to finish"),
         store.lock(up.name, wait_message=f"{up.name}: waiting for another aptguard process to finish"),
@@ -118,19 +118,37 @@ async def sync_upstream(
         at = datetime.now(UTC)
         try:
             work.mkdir(parents=True)
-            with keyring or Keyring(up.keyring) as opened:
-                result = await _Sync(up, store, opened, work, log, concurrency, progress or Progress()).run(
-                    promote=promote, allow_release_change=allow_release_change
-                )
+            with Keyring(up.keyring, work / "gnupg") as keyring:
+                run = _Sync(up, store, keyring, work, log, concurrency, progress or Progress(), limits)
+                async with asyncio.timeout(limits.sync_timeout):
+                    result = await run.run(promote=promote, allow_release_change=allow_release_change)
         except Rejected as exc:
             result = SyncResult(up.name, "rejected", exc.reason, exc.detail)
+        except TimeoutError:
+            result = SyncResult(
+                up.name,
+                "rejected",
+                "unreachable",
+                f"{up.url}: sync_timeout of {limits.sync_timeout:g} s reached (limits.sync_timeout)",
+            )
         except OSError as exc:
             result = SyncResult(up.name, "rejected", "storage-error", storage_error(exc, "local disk").detail)
+        except Exception as exc:  # a bug: this upstream is rejected, the others still sync
+            result = _internal_error(store, up, exc)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         result.stats["seconds"] = round(time.monotonic() - started, 3)
         _record_outcome(store, up, result, at)
         return result
+
+
+def _internal_error(store: FileStore, up: UpstreamConfig, exc: Exception) -> SyncResult:
+    text = f"{datetime.now(UTC).isoformat()} sync {up.name}:\n" + "".join(traceback.format_exception(exc))
+    try:
+        where = f"; traceback in {store.log_error(text)}"
+    except OSError:
+        where = ""
+    return SyncResult(up.name, "rejected", "internal-error", f"{type(exc).__name__}: {str(exc)[:200]}{where}")
 
 
 def _discard_leftovers(store: FileStore, name: str) -> None:
@@ -176,7 +194,9 @@ class _Sync:
         log: Log,
         concurrency: int,
         progress: Progress,
+        limits: Limits,
     ) -> None:
+        self.limits = limits
         self.up = up
         self.store = store
         self.keyring = keyring
@@ -207,22 +227,15 @@ class _Sync:
             self.progress.advance(up.name, nbytes=n)
 
         async with Fetcher(up.url, self.work, concurrency=self.concurrency, on_bytes=bytes_in) as fetcher:
-            suites = await _gather(self._release(fetcher, s, newest, now) for s in up.suites)
+            previous = (current or {}).get("suites", {})
+            suites = await _gather(
+                self._release(fetcher, s, newest, previous.get(s), allow_release_change, now) for s in up.suites
+            )
             if newest is not None and all(s.unchanged for s in suites):
                 self.log(f"{up.name}: unchanged (signed Release identical to snapshot {newest['id']})")
                 return SyncResult(
                     up.name, "unchanged", snapshot=newest["id"], stats={"keys": keys, "requests": fetcher.requests}
                 )
-            previous = (current or {}).get("suites", {})
-            for s in suites:
-                if not s.unchanged:
-                    prev = previous.get(s.name)
-                    verify.check_against_current(
-                        s.release,
-                        verify.PreviousRelease.from_summary(prev) if prev else None,
-                        allow_release_change,
-                        f"{s.release.base}{'InRelease' if 'InRelease' in s.signed else 'Release'}",
-                    )
             snap_id = new_snapshot_id(set(store.snapshot_ids(up.name)))
             snap = _Snapshot(store.new_tree(up.name, snap_id))
             try:
@@ -303,52 +316,57 @@ class _Sync:
 
     # ------------------------------------------------------------ Release
 
-    async def _release(self, fetcher: Fetcher, suite: str, newest: dict[str, Any] | None, now: datetime) -> _Suite:
+    async def _release(
+        self,
+        fetcher: Fetcher,
+        suite: str,
+        newest: dict[str, Any] | None,
+        previous: dict[str, Any] | None,
+        allow_change: bool,
+        now: datetime,
+    ) -> _Suite:
+        """Fetch a suite's signed files and have the verifier judge them."""
         base = verify.suite_base(suite)
         old_signed = ((newest or {}).get("suites", {}).get(suite) or {}).get("signed", {})
         signed: dict[str, Download] = {}
         inrelease = await fetcher.fetch(base + "InRelease", limit=INRELEASE_LIMIT, light=True)
         if inrelease is not None:
             signed["InRelease"] = inrelease
-            if old_signed.get("InRelease") == inrelease.hashes["sha256"]:
-                text, signers = verify.verify_inrelease(inrelease.read(), self.keyring, base + "InRelease")
-                release = verify.check_release(text, signers, self.up, suite, now, base + "InRelease")
-                return _Suite(suite, signed, release, unchanged=True)
-        extra = await _gather(
-            fetcher.fetch(base + name, limit=INRELEASE_LIMIT, light=True) for name in ("Release", "Release.gpg")
-        )
-        for name, download in zip(("Release", "Release.gpg"), extra, strict=True):
-            if download is not None:
-                signed[name] = download
-        body = {name: download.read() for name, download in signed.items()}  # each read once
-        if inrelease is not None:
-            where = base + "InRelease"
-            text, signers = verify.verify_inrelease(body["InRelease"], self.keyring, where)
-            if "Release" in signed:
-                verify.signed_files_match(text, body["Release"], where)
-                if "Release.gpg" in signed:
-                    try:
-                        verify.verify_detached(body["Release"], body["Release.gpg"], self.keyring, base + "Release.gpg")
-                    except Rejected as exc:
-                        # apt reads Release.gpg only when InRelease is a 404, which it never is here.
-                        # A stale one (Debian mirrors serve them mid-sync) must not block a verified
-                        # InRelease, nor be served: it is left out, so the snapshot holds only what verifies.
-                        del signed["Release.gpg"]
-                        self.log(f"{self.up.name}: {exc.detail}; Release.gpg left out (InRelease verified)")
-        else:
-            if "Release" not in signed or "Release.gpg" not in signed:
-                missing = " and ".join(n for n in ("Release", "Release.gpg") if n not in signed)
-                raise Rejected(
-                    "signature-missing",
-                    f"{fetcher.base_url}{base}: no InRelease, and no {missing} (HTTP 404)",
+        # An InRelease identical to the newest snapshot's: one request, and the suite is reused.
+        quick = inrelease is not None and old_signed.get("InRelease") == inrelease.hashes["sha256"]
+        if not quick:
+            extra = await _gather(
+                fetcher.fetch(
+                    base + name, limit=SIGNATURE_LIMIT if name == "Release.gpg" else INRELEASE_LIMIT, light=True
                 )
-            where = base + "Release.gpg"
-            text, signers = verify.verify_detached(body["Release"], body["Release.gpg"], self.keyring, where)
-        release = verify.check_release(text, signers, self.up, suite, now, where)
-        unchanged = bool(old_signed) and all(
-            old_signed.get(n) == (signed[n].hashes["sha256"] if n in signed else None) for n in SIGNED_NAMES
+                for name in ("Release", "Release.gpg")
+            )
+            for name, download in zip(("Release", "Release.gpg"), extra, strict=True):
+                if download is not None:
+                    signed[name] = download
+        unchanged = quick or (
+            bool(old_signed)
+            and all(old_signed.get(n) == (signed[n].hashes["sha256"] if n in signed else None) for n in SIGNED_NAMES)
         )
-        return _Suite(suite, signed, release, unchanged)
+        body = {name: download.read() for name, download in signed.items()}  # each read once
+        files = verify.SignedFiles(body.get("InRelease"), body.get("Release"), body.get("Release.gpg"))
+        verdict = await asyncio.to_thread(
+            verify.verify_suite,
+            files,
+            keyring=self.keyring,
+            upstream=self.up,
+            suite=suite,
+            now=now,
+            previous=verify.PreviousRelease.from_summary(previous) if previous else None,
+            allow_change=allow_change,
+            already_verified=unchanged,
+        )
+        for note in verdict.notes:
+            self.log(f"{self.up.name}: {note}")
+        for name in list(signed):
+            if name not in verdict.serve:
+                signed.pop(name).discard()
+        return _Suite(suite, signed, verdict.release, unchanged)
 
     def _reuse_suite(
         self,
@@ -417,19 +435,17 @@ class _Sync:
     async def _index(
         self, fetcher: Fetcher, release: verify.TrustedRelease, group: verify.IndexGroup
     ) -> tuple[list[tuple[verify.Expected, Download]], list[verify.PoolFile] | None]:
-        """Fetch every listed variant of one index, check each, and parse it if it names pool files."""
+        """Fetch every listed variant of one index; the verifier checks them and reads the pool files."""
         downloads = await _gather(self._fetch_index(fetcher, release, v) for v in group.variants)
         present = [(v, d) for v, d in zip(group.variants, downloads, strict=True) if d is not None]
-        if not present:
-            names = ", ".join(v.path.rsplit("/", 1)[-1] for v in group.variants)
-            raise Rejected(
-                "index-missing", f"{group.variants[0].path}: none of the listed variants ({names}) is on the upstream"
-            )
-        for expected, download in present:
-            expected.check(download.size, download.hashes, "index-mismatch")
-        if group.kind not in ("Packages", "Sources"):
-            return present, None
-        entries = await asyncio.to_thread(_parse_index, group, present)
+        by_entry = {id(v): d for v, d in present}
+        entries = await asyncio.to_thread(
+            verify.read_index,
+            group,
+            [(v, d.size, d.hashes) for v, d in present],
+            lambda v: open(by_entry[id(v)].path, "rb"),  # noqa: SIM115 - the verifier closes it
+            self.limits.max_index_bytes,
+        )
         return present, entries
 
     async def _fetch_index(
@@ -551,53 +567,6 @@ def _hash_file(path: Path, algos: Iterable[str]) -> dict[str, str]:
             for h in hashers.values():
                 h.update(chunk)
     return {a: h.hexdigest() for a, h in hashers.items()}
-
-
-_DECOMPRESS: dict[str, Callable[[bytes], bytes]] = {
-    "": lambda data: data,
-    ".xz": lzma.decompress,
-    ".lzma": lzma.decompress,
-    ".gz": gzip.decompress,
-    ".bz2": bz2.decompress,
-}
-
-
-def _parse_index(group: verify.IndexGroup, present: list[tuple[verify.Expected, Download]]) -> list[verify.PoolFile]:
-    """Decompress every variant, require they all say the same, parse one (runs in a thread)."""
-    text: bytes | None = None
-    digest = None
-    for expected, download in present:
-        ext = _ext(expected.path)
-        if ext not in _DECOMPRESS:
-            continue
-        try:
-            data = _DECOMPRESS[ext](download.read())
-        except (OSError, EOFError, lzma.LZMAError, zlib.error, ValueError) as exc:
-            raise Rejected("index-mismatch", f"{expected.path}: cannot be decompressed ({exc})") from None
-        this = hashlib.sha256(data).hexdigest()
-        if group.plain is not None:
-            group.plain.check(len(data), _hashes_of(data, group.plain.hashes), "index-mismatch")
-        if digest is not None and this != digest:
-            raise Rejected("index-mismatch", f"{expected.path}: decompresses to other content than its siblings")
-        digest, text = this, data
-    if text is None:
-        raise Rejected("index-mismatch", f"{group.variants[0].path}: no variant in a compression aptguard reads")
-    where = group.variants[0].path
-    if group.kind == "Packages":
-        return list(verify.packages_entries(text, where))  # bytes: no decoded copy of a 50 MB index
-    return list(verify.sources_entries(text.decode("utf-8", errors="surrogateescape"), where))
-
-
-def _ext(path: str) -> str:
-    name = path.rsplit("/", 1)[-1]
-    for ext in verify.COMPRESSIONS[1:]:
-        if name.endswith(ext):
-            return ext
-    return ""
-
-
-def _hashes_of(data: bytes, algos: Iterable[str]) -> dict[str, str]:
-    return {a: hashlib.new(a, data).hexdigest() for a in algos}
 
 
 def _link_all(snap: _Snapshot) -> None:

@@ -1,19 +1,26 @@
 """The trust boundary: unverified bytes in, trusted objects out, or Rejected saying why not.
 
 Order, as apt judges: signature -> Release fields (dates, suite, changes, rollback) -> index
-hashes -> package entries. Nothing here opens a socket or touches the data folder; the only
-outside process is gpg, run on a home that holds one upstream's keys (keyring.py).
+hashes -> package entries. `verify_suite` runs the first three for one suite and `read_index`
+the last two for one index, so a caller cannot skip a step. Framing and field parsing are
+apt's (clearsign.py, tagfile.py); signature verdicts come from gpgv's status pipe
+(keyring.py). Nothing here opens a socket or names a folder of the data directory.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import hashlib
+import lzma
 import re
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
+from typing import BinaryIO
 
+from aptguard import clearsign, tagfile
 from aptguard.config import UpstreamConfig
 from aptguard.keyring import Keyring
 from aptguard.reasons import Rejected
@@ -22,14 +29,19 @@ from aptguard.reasons import Rejected
 MAX_FUTURE = timedelta(seconds=10)
 # Release hash lists, and the hash names used everywhere inside aptguard.
 RELEASE_HASHES = {"MD5Sum": "md5", "SHA1": "sha1", "SHA256": "sha256", "SHA512": "sha512"}
-INDEX_HASHES = {"MD5sum": "md5", "MD5Sum": "md5", "SHA1": "sha1", "SHA256": "sha256", "SHA512": "sha512"}
+INDEX_HASHES = {"md5sum": "md5", "sha1": "sha1", "sha256": "sha256", "sha512": "sha512"}
 BY_HASH_DIR = {"md5": "MD5Sum", "sha1": "SHA1", "sha256": "SHA256", "sha512": "SHA512"}
 HEX_LEN = {"md5": 32, "sha1": 40, "sha256": 64, "sha512": 128}
-# gpg's digest algorithm numbers (RFC 4880 9.4) that apt no longer accepts.
+# gpg's digest algorithm numbers (RFC 4880 9.4): apt trusts SHA2 (and the reserved 4-7), no others.
 WEAK_DIGESTS = {"1": "MD5", "2": "SHA1", "3": "RIPEMD160"}
+TRUSTED_DIGESTS = frozenset({"4", "5", "6", "7", "8", "9", "10", "11"})
 COMPRESSIONS = ("", ".xz", ".gz", ".bz2", ".lzma", ".zst", ".lz4")
-_PATH_WORD = re.compile(r"^[A-Za-z0-9_.+~:%@=,-]+$")
-_SAFE_PATH = re.compile(r"[A-Za-z0-9_.+~:%@=,-]+(?:/[A-Za-z0-9_.+~:%@=,-]+)*")
+STANZA_LIMIT = 16 * 1024 * 1024  # real stanzas are a few KiB; a longer one is a memory attack
+CHUNK = 256 * 1024
+_HEX = re.compile(r"[0-9A-Fa-f]+")
+_PATH_WORD = re.compile(r"^[A-Za-z0-9_+~:%@=,-][A-Za-z0-9_.+~:%@=,-]*$")
+_SAFE_PATH = re.compile(r"[A-Za-z0-9_+~:%@=,-][A-Za-z0-9_.+~:%@=,-]*(?:/[A-Za-z0-9_+~:%@=,-][A-Za-z0-9_.+~:%@=,-]*)*")
+NAME_MAX = 255  # the longest file name a filesystem stores
 
 
 @dataclass(frozen=True)
@@ -56,8 +68,7 @@ class TrustedRelease:
 
     suite: str
     base: str  # the suite's folder from the repository root: "dists/bookworm/" or "" for flat
-    text: str
-    fields: dict[str, str]
+    fields: dict[str, str]  # names in lower case, as apt compares them
     date: datetime
     valid_until: datetime | None
     files: dict[str, Expected]
@@ -66,15 +77,15 @@ class TrustedRelease:
 
     @property
     def origin(self) -> str:
-        return self.fields.get("Origin", "")
+        return self.fields.get("origin", "")
 
     @property
     def label(self) -> str:
-        return self.fields.get("Label", "")
+        return self.fields.get("label", "")
 
     @property
     def codename(self) -> str:
-        return self.fields.get("Codename", "")
+        return self.fields.get("codename", "")
 
     def summary(self) -> dict[str, object]:
         return {
@@ -83,7 +94,7 @@ class TrustedRelease:
             "origin": self.origin,
             "label": self.label,
             "codename": self.codename,
-            "suite": self.fields.get("Suite", ""),
+            "suite": self.fields.get("suite", ""),
             "acquire_by_hash": self.by_hash,
             "signers": self.signers,
         }
@@ -131,247 +142,295 @@ class PreviousRelease:
 # ---------------------------------------------------------------- signatures
 
 
-def split_clearsigned(data: bytes, where: str) -> None:
-    """Apply apt's framing rule: one clearsigned block, nothing but blank lines around it."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise Rejected("signature-invalid", f"{where}: not UTF-8 text") from None
-    lines = text.split("\n")
-    i = 0
-    while i < len(lines) and not lines[i].strip():
-        i += 1
-    if i == len(lines) or lines[i].rstrip("\r") != "-----BEGIN PGP SIGNED MESSAGE-----":
-        raise Rejected("signature-invalid", f"{where}: text before the clearsigned block (apt refuses it)")
-    i += 1
-    while i < len(lines) and lines[i].strip():
-        if not lines[i].startswith("Hash: "):
-            raise Rejected("signature-invalid", f"{where}: unexpected armor header {lines[i][:60]!r}")
-        i += 1
-    begins = [n for n, line in enumerate(lines) if line.rstrip("\r") == "-----BEGIN PGP SIGNATURE-----"]
-    ends = [n for n, line in enumerate(lines) if line.rstrip("\r") == "-----END PGP SIGNATURE-----"]
-    starts = [n for n, line in enumerate(lines) if line.startswith("-----BEGIN PGP SIGNED MESSAGE-----")]
-    if len(begins) != 1 or len(ends) != 1 or len(starts) != 1 or not begins[0] < ends[0]:
-        raise Rejected("signature-invalid", f"{where}: not exactly one clearsigned block (apt refuses it)")
-    if any(line.strip() for line in lines[ends[0] + 1 :]):
-        raise Rejected("signature-invalid", f"{where}: text after the signature block (apt refuses it)")
+@dataclass(frozen=True)
+class SignedFiles:
+    """A suite's signature-bearing files as the upstream served them; None where it said 404."""
+
+    inrelease: bytes | None
+    release: bytes | None
+    release_gpg: bytes | None
 
 
-def _judge(status: str, keyring: Keyring, where: str) -> list[str]:
-    """Decide from gpg's per-signature status lines, as apt does; return the good signers."""
-    sigs: list[dict[str, list[str]]] = []
-    for line in status.splitlines():
-        if not line.startswith("[GNUPG:] "):
-            continue
-        word, *args = line[9:].split()
-        if word == "NEWSIG":
-            sigs.append({})
-        elif word in ("GOODSIG", "BADSIG", "EXPSIG", "EXPKEYSIG", "REVKEYSIG", "ERRSIG", "VALIDSIG", "NO_PUBKEY"):
-            if not sigs:
-                sigs.append({})
-            sigs[-1][word] = args
+@dataclass
+class SuiteVerdict:
+    """A suite whose Release is trusted: which signed files may be served, and what to tell the operator."""
+
+    release: TrustedRelease
+    serve: tuple[str, ...]  # of "InRelease", "Release", "Release.gpg": each one verified
+    notes: list[str]
+
+
+def verify_suite(
+    files: SignedFiles,
+    *,
+    keyring: Keyring,
+    upstream: UpstreamConfig,
+    suite: str,
+    now: datetime,
+    previous: PreviousRelease | None,
+    allow_change: bool,
+    already_verified: bool,
+) -> SuiteVerdict:
+    """The suite's signed files in, a trusted Release out, or Rejected saying why not.
+
+    In apt's order: the signature (InRelease when there is one, as apt prefers it; else
+    Release + Release.gpg), then the Release's own fields (dates, suite, components, hash
+    lists), then the comparison with the Release the current snapshot serves (replay, and
+    Origin/Label/Codename changes). `already_verified`: these exact bytes are those of a
+    stored snapshot, which passed the comparison when it was made; signature and dates are
+    checked again all the same (keys and clocks move).
+    """
+    base = suite_base(suite)
+    notes: list[str] = []
+    if files.inrelease is not None:
+        where = base + "InRelease"
+        text, signers = verify_inrelease(files.inrelease, keyring, where)
+        serve = ["InRelease"]
+        if files.release is not None:
+            signed_files_match(text, files.release, where)
+            serve.append("Release")
+            if files.release_gpg is not None:
+                try:
+                    verify_detached(files.release, files.release_gpg, keyring, base + "Release.gpg")
+                    serve.append("Release.gpg")
+                except Rejected as exc:
+                    # apt reads Release.gpg only when InRelease is a 404, which it never is here.
+                    # A stale one (Debian mirrors serve them mid-sync) must not block a verified
+                    # InRelease, nor be served: it is left out, so the snapshot holds only what verifies.
+                    notes.append(f"{exc.detail}; Release.gpg left out (InRelease verified)")
+    else:
+        if files.release is None or files.release_gpg is None:
+            missing = " and ".join(
+                n for n, f in (("Release", files.release), ("Release.gpg", files.release_gpg)) if f is None
+            )
+            raise Rejected("signature-missing", f"{base}: no InRelease, and no {missing} (HTTP 404)")
+        where = base + "Release.gpg"
+        text, signers = verify_detached(files.release, files.release_gpg, keyring, where)
+        serve = ["Release", "Release.gpg"]
+    release = check_release(text, signers, upstream, suite, now, where)
+    if not already_verified:
+        check_against_current(release, previous, allow_change, where)
+    return SuiteVerdict(release, tuple(serve), notes)
+
+
+def _same_key(fingerprint: str, key_id: str) -> bool:
+    """apt's IsTheSameKey: a GOODSIG names a fingerprint or a long key id; VALIDSIG a fingerprint."""
+    if len(key_id) == 40:
+        return fingerprint[:40] == key_id
+    return len(key_id) >= 16 and fingerprint[24:40] == key_id[:16]
+
+
+def _judge(status: list[bytes], keyring: Keyring, where: str) -> list[str]:
+    """apt's verdict (methods/gpgv.cc) from gpgv's `[GNUPG:] ` status lines; the good signers.
+
+    Good: a GOODSIG whose VALIDSIG has a trusted digest, by a key of this keyring. The Release
+    is signed when there is a good signature and no BADSIG; signatures by unknown, expired or
+    revoked keys are otherwise ignored, as apt ignores them (Debian signs with several keys).
+    Only the keyword and the hexadecimal key fields of each line are read: nothing a signer chose.
+    """
     good: list[str] = []
     bad: list[str] = []
-    expired: list[str] = []
-    revoked: list[str] = []
-    unknown: list[str] = []
-    weak: list[str] = []
-    broken: list[str] = []
-    for sig in sigs:
-        valid = sig.get("VALIDSIG")
-        fpr = valid[0].upper() if valid else ""
-        primary = valid[9].upper() if valid and len(valid) > 9 else fpr
-        if "BADSIG" in sig:
-            bad.append(sig["BADSIG"][0] if sig["BADSIG"] else "?")
-        elif "REVKEYSIG" in sig:
-            revoked.append(primary or sig["REVKEYSIG"][0])
-        elif "EXPKEYSIG" in sig:
-            expired.append(primary or sig["EXPKEYSIG"][0])
-        elif "EXPSIG" in sig:
-            broken.append(f"signature by {primary or sig['EXPSIG'][0]} has expired")
-        elif "GOODSIG" in sig and valid:
-            if fpr not in keyring.fingerprints and primary not in keyring.fingerprints:
-                unknown.append(primary)
-            elif valid[7] in WEAK_DIGESTS:
-                weak.append(f"{primary} (digest {WEAK_DIGESTS[valid[7]]})")
-            else:
-                good.append(primary)
-        elif "ERRSIG" in sig:
-            args = sig["ERRSIG"]
-            ident = (args[6] if len(args) > 6 and args[6] != "-" else args[0]).upper()
-            if "NO_PUBKEY" in sig or (len(args) > 5 and args[5] == "9"):
-                unknown.append(ident)
-            elif len(args) > 2 and args[2] in WEAK_DIGESTS:
-                weak.append(f"{ident} (digest {WEAK_DIGESTS[args[2]]})")
-            else:
-                broken.append(f"signature by {ident} could not be checked (gpg error {args[5:6]})")
-        else:
-            broken.append("a signature gpg could not judge")
+    worthless: list[tuple[str, str]] = []  # (kind, key id)
+    no_pubkey: list[str] = []
+    errsig: list[list[str]] = []
+    valid: list[tuple[str, str]] = []  # (signing key's fingerprint, primary key's fingerprint)
+    weak: list[tuple[str, str]] = []  # (fingerprint, digest name)
+    nodata = False
+    issuer: dict[str, str] = {}
+    for line in status:
+        words = line[len(b"[GNUPG:] ") :].decode("ascii", "replace").split(" ")
+        word, args = words[0], [a.upper() for a in words[1:]]
+        first = args[0] if args else ""
+        if word == "BADSIG":
+            bad.append(first)
+        elif word == "ERRSIG":
+            errsig.append(args)
+            if len(args) > 6 and _HEX.fullmatch(args[6]):  # the issuer fingerprint, for the message only
+                issuer[args[0][:16]] = args[6]
+        elif word == "NO_PUBKEY":
+            no_pubkey.append(first)
+            errsig = [e for e in errsig if not (e and e[0][:16] == first[:16])]
+        elif word == "NODATA":
+            nodata = True
+        elif word in ("EXPKEYSIG", "EXPSIG", "REVKEYSIG"):
+            worthless.append((word, first))
+        elif word == "GOODSIG":
+            good.append(first)
+        elif word == "VALIDSIG" and len(args) >= 8:
+            digest = args[7]
+            if digest not in TRUSTED_DIGESTS:
+                weak.append((first, WEAK_DIGESTS.get(digest, f"algorithm {digest}")))
+            valid.append((first, args[9] if len(args) > 9 else first))
+    good = [g for g in good if not any(_same_key(fpr, g) for fpr, _ in weak)]
     if bad:
         raise Rejected("signature-invalid", f"{where}: bad signature by key {bad[0]} (the signed text was altered)")
-    if good:
-        return good
-    if revoked:
-        raise Rejected("signature-key-revoked", f"{where}: signed by revoked key {revoked[0]}")
-    if expired:
-        raise Rejected("signature-key-expired", f"{where}: signed by expired key {expired[0]}")
-    if unknown:
+    signers: list[str] = []
+    for fpr, primary in valid:
+        ours = fpr in keyring.fingerprints or primary in keyring.fingerprints
+        if ours and any(_same_key(fpr, g) for g in good) and primary not in signers:
+            signers.append(primary)
+    if signers:
+        return signers
+
+    def named(key_id: str) -> str:
+        return next((primary for fpr, primary in valid if _same_key(fpr, key_id)), key_id)
+
+    for kind, reason, text in (
+        ("REVKEYSIG", "signature-key-revoked", "signed by revoked key"),
+        ("EXPKEYSIG", "signature-key-expired", "signed by expired key"),
+    ):
+        keys = [k for w, k in worthless if w == kind]
+        if keys:
+            raise Rejected(reason, f"{where}: {text} {named(keys[0])}")
+    if no_pubkey:
         raise Rejected(
             "signature-unknown-key",
-            f"{where}: signed by key {unknown[0]}, which is not in the keyring {keyring.source}",
+            f"{where}: signed by key {issuer.get(no_pubkey[0][:16], no_pubkey[0])}, "
+            f"which is not in the keyring {keyring.source}",
         )
     if weak:
-        raise Rejected("signature-invalid", f"{where}: only weak-digest signatures, by {weak[0]}; apt rejects them")
-    if broken:
-        raise Rejected("signature-invalid", f"{where}: {broken[0]}")
-    raise Rejected("signature-invalid", f"{where}: no OpenPGP signature found")
+        raise Rejected(
+            "signature-invalid",
+            f"{where}: only weak-digest signatures, by {weak[0][0]} ({weak[0][1]}); apt rejects them",
+        )
+    if any(w == "EXPSIG" for w, _ in worthless):
+        raise Rejected("signature-invalid", f"{where}: the signature has expired")
+    if errsig:
+        raise Rejected(
+            "signature-invalid", f"{where}: a signature by {errsig[0][0] if errsig[0] else '?'} could not be checked"
+        )
+    if nodata:
+        raise Rejected("signature-invalid", f"{where}: no OpenPGP signature data found")
+    raise Rejected("signature-invalid", f"{where}: no good signature by a key of {keyring.source}")
 
 
-def verify_inrelease(data: bytes, keyring: Keyring, where: str) -> tuple[str, list[str]]:
-    """Return (signed text as gpg output it, good signers) of an InRelease."""
-    split_clearsigned(data, where)
-    result = keyring.gpg.decrypt(data)
-    signers = _judge(result.stderr or "", keyring, where)
+def verify_inrelease(data: bytes, keyring: Keyring, where: str) -> tuple[bytes, list[str]]:
+    """(signed text, good signers) of an InRelease, split by apt's rules and checked by gpgv.
+
+    The text returned is exactly the text gpgv verified: apt parses that same text.
+    """
     try:
-        text = result.data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise Rejected("signature-invalid", f"{where}: signed text is not UTF-8") from None
-    if not text.strip():
-        raise Rejected("signature-invalid", f"{where}: gpg returned no signed text")
-    return text, signers
+        split = clearsign.split_clearsigned(data)
+    except clearsign.FramingError as exc:
+        raise Rejected("signature-invalid", f"{where}: {exc} (apt refuses it)") from None
+    return split.text, _judge(keyring.gpgv(split.signature, split.text, where), keyring, where)
 
 
-def verify_detached(release: bytes, signature: bytes, keyring: Keyring, where: str) -> tuple[str, list[str]]:
-    """Return (Release text, good signers) for Release + Release.gpg."""
-    with tempfile.NamedTemporaryFile(prefix="aptguard-sig-", suffix=".gpg") as sig:
-        sig.write(signature)
-        sig.flush()
-        result = keyring.gpg.verify_data(sig.name, release)
-    signers = _judge(result.stderr or "", keyring, where)
+def verify_detached(release: bytes, signature: bytes, keyring: Keyring, where: str) -> tuple[bytes, list[str]]:
+    """(Release, good signers) for Release + Release.gpg, with apt's checks on Release.gpg."""
     try:
-        return release.decode("utf-8"), signers
-    except UnicodeDecodeError:
-        raise Rejected("release-invalid", f"{where}: Release is not UTF-8 text") from None
+        clearsign.check_detached(signature)
+    except clearsign.FramingError as exc:
+        raise Rejected("signature-invalid", f"{where}: {exc} (apt refuses it)") from None
+    return release, _judge(keyring.gpgv(signature, release, where), keyring, where)
+
+
+def signed_files_match(inrelease_text: bytes, release: bytes, where: str) -> None:
+    """InRelease's signed text must be the Release file, when upstream publishes both
+    (compared line by line as apt reads lines: trailing blanks and CRs do not count)."""
+    if inrelease_text != b"\n".join(clearsign.lines_of(release)):
+        raise Rejected("signature-invalid", f"{where}: the signed text of InRelease differs from Release")
 
 
 # ---------------------------------------------------------------- Release fields
 
 
-def parse_control(text: str, where: str, reason: str) -> dict[str, str]:
-    """Parse one deb822 paragraph strictly: `Key: value` lines and indented continuations."""
-    fields: dict[str, str] = {}
-    key = None
-    for n, line in enumerate(text.split("\n"), 1):
-        line = line.rstrip("\r")
-        if not line.strip():
-            if fields and any(rest.strip() for rest in text.split("\n")[n:]):
-                raise Rejected(reason, f"{where}: more than one paragraph (line {n})")
-            continue
-        if line[0] in " \t":
-            if key is None:
-                raise Rejected(reason, f"{where}: continuation line {n} before any field")
-            fields[key] += "\n" + line.strip()
-            continue
-        name, sep, value = line.partition(":")
-        if not sep or not name or " " in name:
-            raise Rejected(reason, f"{where}: line {n} is not 'Field: value': {line[:60]!r}")
-        key = name
-        fields[key] = value.strip()
-    return fields
-
-
 def _date(value: str, name: str, where: str) -> datetime:
     try:
         parsed = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        parsed = None
-    if parsed is None:
-        raise Rejected("release-invalid", f"{where}: {name} {value!r} is not an RFC 2822 date")
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return parsed.astimezone(UTC)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        raise Rejected("release-invalid", f"{where}: {name} {value[:80]!r} is not an RFC 2822 date") from None
 
 
 def check_release(
-    text: str,
+    text: bytes,
     signers: list[str],
     upstream: UpstreamConfig,
     suite: str,
     now: datetime,
     where: str,
 ) -> TrustedRelease:
-    """Check a signed Release's own fields: dates, suite, components, architectures, hash lists."""
-    fields = parse_control(text, where, "release-invalid")
-    if "Date" not in fields:
+    """Check a signed Release's own fields: dates, suite, components, architectures, hash lists.
+
+    Read as apt reads it: the first stanza of the signed text, field names in any case.
+    """
+    try:
+        raw = tagfile.first_stanza(text)
+    except tagfile.TagFileError as exc:
+        raise Rejected("release-invalid", f"{where}: {exc}") from None
+    fields = {name: value.decode("utf-8", "replace") for name, value in raw.items()}
+    if "date" not in fields:
         raise Rejected("release-invalid", f"{where}: no Date field")
-    date = _date(fields["Date"], "Date", where)
-    valid_until = _date(fields["Valid-Until"], "Valid-Until", where) if fields.get("Valid-Until") else None
-    if "SHA256" not in fields:
+    date = _date(fields["date"], "Date", where)
+    valid_until = _date(fields["valid-until"], "Valid-Until", where) if fields.get("valid-until") else None
+    if "sha256" not in fields:
         raise Rejected("release-invalid", f"{where}: no SHA256 list (apt needs a strong hash)")
     if date > now + MAX_FUTURE:
-        raise Rejected("release-future", f"{where}: Date {fields['Date']} lies in the future (now {rfc_date(now)})")
+        raise Rejected("release-future", f"{where}: Date {fields['date']} lies in the future (now {rfc_date(now)})")
     if valid_until is not None and valid_until < now:
         raise Rejected(
-            "release-expired", f"{where}: Valid-Until {fields['Valid-Until']} has passed (now {rfc_date(now)})"
+            "release-expired", f"{where}: Valid-Until {fields['valid-until']} has passed (now {rfc_date(now)})"
         )
     flat = suite.endswith("/")
-    names = {fields.get("Suite", ""), fields.get("Codename", "")} - {""}
+    names = {fields.get("suite", ""), fields.get("codename", "")} - {""}
     # apt's metaIndex::CheckDist: the suite itself, or its part before the last "/" ("" for a flat
     # "/" passes: Kubernetes' flat Release names no suite; a flat "stable/" must say "stable").
     dist = suite.rsplit("/", 1)[0] if "/" in suite else suite
     if suite not in names and dist not in ("", ".") and dist not in names and suite.split("/")[-1] not in names:
         raise Rejected(
             "release-mismatch",
-            f"{where}: Suite {fields.get('Suite')!r} / Codename {fields.get('Codename')!r}, expected {suite!r}",
+            f"{where}: Suite {fields.get('suite')!r} / Codename {fields.get('codename')!r}, expected {suite!r}",
         )
-    if not flat:
-        if "Components" in fields:
-            listed = set(fields["Components"].split())
-            # Debian lists "updates/main" for security suites; apt accepts the last word.
-            listed |= {c.split("/")[-1] for c in listed}
-            for comp in upstream.components:
-                if comp not in listed:
-                    raise Rejected(
-                        "release-mismatch",
-                        f"{where}: component {comp!r} not in Components: {fields['Components']}",
-                    )
-    if "Architectures" in fields:
-        listed = set(fields["Architectures"].split())
+    if not flat and "components" in fields:
+        listed = set(fields["components"].split())
+        # Debian lists "updates/main" for security suites; apt accepts the last word.
+        listed |= {c.split("/")[-1] for c in listed}
+        for comp in upstream.components:
+            if comp not in listed:
+                raise Rejected(
+                    "release-mismatch", f"{where}: component {comp!r} not in Components: {fields['components']}"
+                )
+    if "architectures" in fields:
+        listed = set(fields["architectures"].split())
         for arch in upstream.architectures:
             if arch not in listed:
                 raise Rejected(
                     "release-mismatch",
-                    f"{where}: architecture {arch!r} not in Architectures: {fields['Architectures']}",
+                    f"{where}: architecture {arch!r} not in Architectures: {fields['architectures']}",
                 )
     base = suite_base(suite)
     files: dict[str, Expected] = {}
     for list_name, algo in RELEASE_HASHES.items():
-        if list_name not in fields:
-            continue
-        for line in fields[list_name].split("\n"):
-            if not line.strip():
-                continue
-            parts = line.split()
-            if len(parts) != 3 or not parts[1].isdigit() or len(parts[0]) != HEX_LEN[algo]:
-                raise Rejected("release-invalid", f"{where}: bad {list_name} line {line[:80]!r}")
-            digest, size, name = parts[0].lower(), int(parts[1]), parts[2]
+        # apt reads each list as whitespace-separated (hash, size, name) triples.
+        words = fields.get(list_name.lower(), "").split()
+        if len(words) % 3:
+            raise Rejected("release-invalid", f"{where}: the {list_name} list is not (hash, size, name) triples")
+        for i in range(0, len(words), 3):
+            digest, size_text, name = words[i : i + 3]
+            size = tagfile.number(size_text)
+            if size is None or len(digest) != HEX_LEN[algo] or not _HEX.fullmatch(digest):
+                raise Rejected(
+                    "release-invalid", f"{where}: bad {list_name} entry {' '.join(words[i : i + 3])[:120]!r}"
+                )
             old = files.get(name)
             if old is None:
-                files[name] = Expected(path=base + name, size=size, hashes={algo: digest})
+                files[name] = Expected(path=base + name, size=size, hashes={algo: digest.lower()})
             elif old.size != size:
                 raise Rejected("release-invalid", f"{where}: {name} listed with sizes {old.size} and {size}")
             else:
-                old.hashes[algo] = digest
+                old.hashes[algo] = digest.lower()
     return TrustedRelease(
         suite=suite,
         base=base,
-        text=text,
         fields=fields,
         date=date,
         valid_until=valid_until,
         files=files,
         signers=signers,
-        by_hash=fields.get("Acquire-By-Hash", "").lower() == "yes",
+        by_hash=fields.get("acquire-by-hash", "").lower() == "yes",
     )
 
 
@@ -401,12 +460,6 @@ def check_against_current(
             )
 
 
-def signed_files_match(inrelease_text: str, release: bytes, where: str) -> None:
-    """InRelease's signed text must be the Release file, when upstream publishes both."""
-    if inrelease_text.encode("utf-8").rstrip(b"\n") != release.rstrip(b"\n"):
-        raise Rejected("signature-invalid", f"{where}: the signed text of InRelease differs from Release")
-
-
 # ---------------------------------------------------------------- indices
 
 
@@ -419,10 +472,10 @@ def needed_indices(release: TrustedRelease, upstream: UpstreamConfig) -> list[In
     flat = release.suite.endswith("/")
     comps = [""] if flat else [c + "/" for c in upstream.components]
     archs = list(upstream.architectures)
-    listed_archs = release.fields.get("Architectures", "").split()
+    listed_archs = release.fields.get("architectures", "").split()
     # apt fetches binary-all too, unless the Release says arch:all packages are already listed in
     # every architecture's Packages (Debian: "No-Support-for-Architecture-all: Packages").
-    all_separate = release.fields.get("No-Support-for-Architecture-all", "") != "Packages"
+    all_separate = release.fields.get("no-support-for-architecture-all", "") != "Packages"
     if not flat and all_separate and ("all" in listed_archs or not listed_archs) and "all" not in archs:
         archs.append("all")
     for comp in comps:
@@ -475,99 +528,246 @@ def by_hash_fetch_path(entry: Expected) -> str:
 
 
 def check_path(path: str, where: str) -> str:
-    """Refuse any path that could leave the repository: absolute, `..`, empty parts, odd bytes."""
+    """Refuse any path that could leave the repository or that no client could be served:
+    absolute, `..`, empty parts, dot-files (neither server serves them), parts longer than a
+    file name may be, odd bytes."""
     if len(path) <= 1024 and _SAFE_PATH.fullmatch(path):  # the common case in one regex; else say why
-        probe = f"/{path}/"
-        if "/./" not in probe and "/../" not in probe:
+        if all(len(part) <= NAME_MAX for part in path.split("/")):
             return path
     if not path or path.startswith("/") or "\\" in path or len(path) > 1024:
         raise Rejected("unsafe-path", f"{where}: path {path[:120]!r} is not a plain relative path")
     for part in path.split("/"):
-        if part in ("", ".", "..") or not _PATH_WORD.match(part):
+        if len(part) > NAME_MAX:
+            raise Rejected("unsafe-path", f"{where}: path {path[:120]!r} has a part longer than {NAME_MAX} bytes")
+        if not _PATH_WORD.match(part):
             raise Rejected("unsafe-path", f"{where}: path {path[:120]!r} has an unsafe part {part[:60]!r}")
-    return path
+    raise AssertionError(f"check_path: {path!r} passed every part check but not the whole-path one")
 
 
-# The fields of a Packages stanza a sync needs. One search per stanza, on its bytes, for
-# "\nField:" (a literal start the regex engine skips to; the last occurrence wins, as apt's
-# would): a full-size Debian index (63,000 stanzas, 50 MB) parses with no decoded copy of the text.
-_PKG_FIELD = re.compile(rb"\n(Package|Version|Filename|Size|MD5sum|MD5Sum|SHA1|SHA256|SHA512):[ \t]*([^\n]*)")
+# ---------------------------------------------------------------- index contents
+
+# The fields of a Packages stanza a sync needs, found with one search per stanza on its bytes
+# (a full-size Debian index, 63,000 stanzas, parses with no decoded copy of the text). Names in
+# any case, spaces before the colon, the last repeat winning: apt's rules. A stanza where a
+# faster reading could differ from apt's (a carriage return or other control whitespace, a field
+# line without a colon, a wanted field continued on the next line) is read by tagfile.fields.
+_PKG_FIELD = re.compile(
+    rb"\n(package|version|filename|size|md5sum|sha1|sha256|sha512)[ \t]*:[ \t]*([^\n]*)(\n[ \t])?", re.IGNORECASE
+)
+_ODD = re.compile(rb"[\r\v\f]|\n[^ \t\n:][^:\n]*(?:\n|$)")
+_WANTED = frozenset({"package", "version", "filename", "size", "md5sum", "sha1", "sha256", "sha512"})
 
 
-def _stanza_fields(stanza: bytes) -> dict[str, str]:
-    """Field -> value (spaces and tabs around it stripped) of the wanted fields of one stanza."""
-    return {
-        key.decode(): value.rstrip(b" \t").decode("utf-8", "surrogateescape")
-        for key, value in _PKG_FIELD.findall(stanza)
-    }
+def _stanza_fields(stanza: bytes) -> dict[str, bytes]:
+    """Wanted field (lower case) -> value, as apt reads the stanza (which starts with "\\n")."""
+    if not _ODD.search(stanza):
+        found = _PKG_FIELD.findall(stanza)
+        if not any(continued for _, _, continued in found):
+            return {key.decode().lower(): value.rstrip(tagfile.WHITESPACE) for key, value, _ in found}
+    try:
+        return {k: v for k, v in tagfile.fields(stanza[1:]).items() if k in _WANTED}
+    except tagfile.TagFileError as exc:
+        raise Rejected("index-mismatch", f"stanza unreadable by apt's rules: {exc}") from None
+
+
+def _text(value: bytes) -> str:
+    return value.decode("utf-8", "surrogateescape")
+
+
+def _package_entry(stanza: bytes, n: int, where: str) -> PoolFile:
+    try:
+        fields = _stanza_fields(b"\n" + stanza)
+    except Rejected as exc:
+        raise Rejected(exc.reason, f"{where}: entry {n}: {exc.detail}") from None
+    package = _text(fields.get("package", b"?"))
+    filename = _text(fields.get("filename", b""))
+    if not filename:
+        raise Rejected("index-mismatch", f"{where}: entry {n} ({package}) has no Filename")
+    check_path(filename, where)
+    size = tagfile.number(fields.get("size", b""))
+    if size is None:
+        raise Rejected("index-mismatch", f"{where}: {filename} has no valid Size (ASCII digits)")
+    hashes = {INDEX_HASHES[k]: _text(v).lower() for k, v in fields.items() if k in INDEX_HASHES}
+    if "sha256" not in hashes:
+        raise Rejected("index-mismatch", f"{where}: {filename} has no SHA256 (no strong hash to verify)")
+    for algo, digest in hashes.items():
+        if len(digest) != HEX_LEN[algo] or not _HEX.fullmatch(digest):
+            raise Rejected("index-mismatch", f"{where}: {filename} has a malformed {algo} {digest[:80]!r}")
+    return PoolFile(Expected(filename, size, hashes), package, _text(fields.get("version", b"")))
 
 
 def packages_entries(text: str | bytes, where: str) -> Iterator[PoolFile]:
     """The pool files of a Packages index, with every hash it lists, paths checked."""
     data = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
-    pos, end, n = 0, len(data), 0
-    while pos < end:
-        stop = data.find(b"\n\n", pos)
-        if stop < 0:
-            stop = end
-        stanza = b"\n" + data[pos:stop]
-        pos = stop + 2
-        if stanza.isspace():
-            continue
-        n += 1
-        fields = _stanza_fields(stanza)
-        filename = fields.get("Filename")
-        if not filename:
-            raise Rejected("index-mismatch", f"{where}: entry {n} ({fields.get('Package', '?')}) has no Filename")
-        check_path(filename, where)
-        size = fields.get("Size", "")
-        if not size.isdigit():
-            raise Rejected("index-mismatch", f"{where}: {filename} has no valid Size")
-        hashes = {INDEX_HASHES[k]: v.lower() for k, v in fields.items() if k in INDEX_HASHES}
+    for n, stanza in enumerate(tagfile.stanzas(data), 1):
+        yield _package_entry(stanza, n, where)
+
+
+_SRC_HASHES = {"files": "md5", "checksums-sha1": "sha1", "checksums-sha256": "sha256", "checksums-sha512": "sha512"}
+
+
+def _source_entries(stanza: bytes, where: str) -> Iterator[PoolFile]:
+    try:
+        fields = tagfile.fields(stanza)
+    except tagfile.TagFileError as exc:
+        raise Rejected("index-mismatch", f"{where}: {exc}") from None
+    package, version = _text(fields.get("package", b"?")), _text(fields.get("version", b""))
+    directory = _text(fields.get("directory", b""))
+    if not directory:
+        raise Rejected("index-mismatch", f"{where}: source {package} has no Directory")
+    files: dict[str, tuple[int, dict[str, str]]] = {}
+    for key, algo in _SRC_HASHES.items():
+        words = _text(fields.get(key, b"")).split()
+        if len(words) % 3:
+            raise Rejected("index-mismatch", f"{where}: source {package}: {key} is not (hash, size, name) triples")
+        for i in range(0, len(words), 3):
+            digest, size_text, name = words[i : i + 3]
+            size = tagfile.number(size_text)
+            if size is None or len(digest) != HEX_LEN[algo] or not _HEX.fullmatch(digest):
+                raise Rejected("index-mismatch", f"{where}: bad {key} entry {' '.join(words[i : i + 3])[:80]!r}")
+            known, hashes = files.setdefault(name, (size, {}))
+            if known != size:
+                raise Rejected("index-mismatch", f"{where}: {name} listed with two sizes")
+            hashes[algo] = digest.lower()
+    for name, (size, hashes) in files.items():
+        path = check_path(f"{directory}/{name}", where)
         if "sha256" not in hashes:
-            raise Rejected("index-mismatch", f"{where}: {filename} has no SHA256 (no strong hash to verify)")
-        for algo, digest in hashes.items():
-            if len(digest) != HEX_LEN[algo]:
-                raise Rejected("index-mismatch", f"{where}: {filename} has a malformed {algo} {digest[:80]!r}")
-        yield PoolFile(Expected(filename, int(size), hashes), fields.get("Package", ""), fields.get("Version", ""))
+            raise Rejected("index-mismatch", f"{where}: {path} has no Checksums-Sha256")
+        yield PoolFile(Expected(path, size, hashes), package, version)
 
 
-_SRC_FIELD = re.compile(
-    r"^(Package|Version|Directory|Files|Checksums-Sha1|Checksums-Sha256|Checksums-Sha512):"
-    r"[ \t]*(.*(?:\n[ \t].*)*)",
-    re.MULTILINE,
-)
-_SRC_HASHES = {"Files": "md5", "Checksums-Sha1": "sha1", "Checksums-Sha256": "sha256", "Checksums-Sha512": "sha512"}
-
-
-def sources_entries(text: str, where: str) -> Iterator[PoolFile]:
+def sources_entries(text: str | bytes, where: str) -> Iterator[PoolFile]:
     """The files of a Sources index (dsc, orig and debian tarballs), every listed hash kept."""
-    for para in text.split("\n\n"):
-        if not para.strip():
-            continue
-        fields = dict(_SRC_FIELD.findall(para))
-        directory = fields.get("Directory", "").strip()
-        if not directory:
-            raise Rejected("index-mismatch", f"{where}: source {fields.get('Package', '?')} has no Directory")
-        files: dict[str, tuple[int, dict[str, str]]] = {}
-        for key, algo in _SRC_HASHES.items():
-            for line in fields.get(key, "").split("\n"):
-                parts = line.split()
-                if not parts:
-                    continue
-                if len(parts) != 3 or not parts[1].isdigit() or len(parts[0]) != HEX_LEN[algo]:
-                    raise Rejected("index-mismatch", f"{where}: bad {key} line {line.strip()[:80]!r}")
-                size, hashes = files.setdefault(parts[2], (int(parts[1]), {}))
-                if size != int(parts[1]):
-                    raise Rejected("index-mismatch", f"{where}: {parts[2]} listed with two sizes")
-                hashes[algo] = parts[0].lower()
-        for name, (size, hashes) in files.items():
-            path = check_path(f"{directory}/{name}", where)
-            if "sha256" not in hashes:
-                raise Rejected("index-mismatch", f"{where}: {path} has no Checksums-Sha256")
-            yield PoolFile(
-                Expected(path, size, hashes), fields.get("Package", "").strip(), fields.get("Version", "").strip()
-            )
+    data = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
+    for stanza in tagfile.stanzas(data):
+        yield from _source_entries(stanza, where)
+
+
+class _Stanzas:
+    """Cuts a stream of index bytes into stanzas as they complete, so memory holds one stanza
+    (up to STANZA_LIMIT), not the index."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.rest = b""
+
+    def feed(self, chunk: bytes) -> Iterator[bytes]:
+        # A separator begun in `rest` can only be its tail: a newline and carriage returns.
+        tail = self.rest.rstrip(b"\r")
+        start = len(tail) - 1 if tail.endswith(b"\n") else len(self.rest)
+        data = self.rest + chunk
+        cut = max((m.end() for m in tagfile.STANZA_END.finditer(data, start)), default=None)
+        if cut is None:
+            self.rest = data
+        else:
+            self.rest = data[cut:]
+            yield from tagfile.stanzas(data[:cut])
+        if len(self.rest) > STANZA_LIMIT:
+            raise Rejected("too-large", f"{self.where}: a stanza longer than {STANZA_LIMIT} bytes")
+
+    def finish(self) -> Iterator[bytes]:
+        yield from tagfile.stanzas(self.rest)
+        self.rest = b""
+
+
+def _decompressed(ext: str, raw: BinaryIO) -> BinaryIO:
+    """A reader of the decompressed bytes; each read(n) returns at most n bytes, whatever the ratio."""
+    if ext == "":
+        return raw
+    if ext == ".gz":
+        return gzip.GzipFile(fileobj=raw)
+    if ext in (".xz", ".lzma"):
+        return lzma.LZMAFile(raw)
+    if ext == ".bz2":
+        return bz2.BZ2File(raw)
+    if ext == ".zst":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    if ext == ".lz4":
+        import lz4.frame
+
+        return lz4.frame.LZ4FrameFile(raw)
+    raise ValueError(ext)
+
+
+def compression(path: str) -> str:
+    name = path.rsplit("/", 1)[-1]
+    return next((ext for ext in COMPRESSIONS[1:] if name.endswith(ext)), "")
+
+
+def read_index(
+    group: IndexGroup,
+    present: list[tuple[Expected, int, dict[str, str]]],
+    open_file: Callable[[Expected], BinaryIO],
+    max_bytes: int,
+) -> list[PoolFile] | None:
+    """Check the downloaded variants of one index and return the pool files it names.
+
+    `present`: (entry, size, hashes) of every variant that arrived. Each must match its Release
+    entry; each is then decompressed incrementally, never past the uncompressed size the Release
+    declares nor `max_bytes` (limits.max_index_bytes); all must decompress to the same bytes
+    (the uncompressed entry's, when listed); the first is parsed by apt's rules as it streams.
+    Runs in a worker thread: CPU-bound for large indices.
+    """
+    if not present:
+        names = ", ".join(v.path.rsplit("/", 1)[-1] for v in group.variants)
+        raise Rejected(
+            "index-missing", f"{group.variants[0].path}: none of the listed variants ({names}) is on the upstream"
+        )
+    for expected, size, hashes in present:
+        expected.check(size, hashes, "index-mismatch")
+    parse = group.kind in ("Packages", "Sources")
+    limit = min(max_bytes, group.plain.size) if group.plain is not None else max_bytes
+    algos = sorted(set(group.plain.hashes if group.plain else ()) | {"sha256"})
+    entries: list[PoolFile] = []
+    digest: str | None = None
+    for expected, _, _ in present:
+        if expected is group.plain and not parse:
+            continue  # its hashes were just checked: nothing more to learn from it
+        where = expected.path
+        stanzas = _Stanzas(where) if parse and digest is None else None
+        hashers = {a: hashlib.new(a) for a in algos}
+        total = 0
+        n = 0
+        try:
+            with open_file(expected) as raw, _decompressed(compression(where), raw) as text:
+                while chunk := text.read(CHUNK):
+                    total += len(chunk)
+                    if total > limit:
+                        declared = (
+                            "the uncompressed size the Release declares"
+                            if limit < max_bytes
+                            else "limits.max_index_bytes"
+                        )
+                        raise Rejected("too-large", f"{where}: decompresses past {limit} bytes ({declared})")
+                    for h in hashers.values():
+                        h.update(chunk)
+                    if stanzas is not None:
+                        for stanza in stanzas.feed(chunk):
+                            n += 1
+                            entries.extend(_entries(group.kind, stanza, n, where))
+        except Rejected:
+            raise
+        except Exception as exc:  # every decompressor's own error types: a corrupt or truncated file
+            raise Rejected("index-mismatch", f"{where}: cannot be decompressed ({type(exc).__name__}: {exc})") from None
+        if stanzas is not None:
+            for stanza in stanzas.finish():
+                n += 1
+                entries.extend(_entries(group.kind, stanza, n, where))
+        got = {a: h.hexdigest() for a, h in hashers.items()}
+        if group.plain is not None:
+            group.plain.check(total, got, "index-mismatch")
+        if digest is not None and got["sha256"] != digest:
+            raise Rejected("index-mismatch", f"{where}: decompresses to other content than its siblings")
+        digest = got["sha256"]
+    return entries if parse else None
+
+
+def _entries(kind: str, stanza: bytes, n: int, where: str) -> Iterable[PoolFile]:
+    if kind == "Packages":
+        return (_package_entry(stanza, n, where),)
+    return _source_entries(stanza, where)
 
 
 def merge_pool(entries: Iterable[PoolFile], into: dict[str, PoolFile]) -> None:

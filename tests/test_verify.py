@@ -27,7 +27,7 @@ def trusted(tmp_path: Path, keys: Callable[..., SigningKey]) -> Callable[..., Ke
         """A keyring of these keys; a name ending in "-expired" is an expired key."""
         chosen = [keys(n, expired=n.endswith("-expired")) for n in names]
         ring = write_keyring(tmp_path / f"{'-'.join(names)}.asc", chosen)
-        opened.append(Keyring(ring))
+        opened.append(Keyring(ring, tmp_path / f"home-{len(opened)}"))
         return opened[-1]
 
     yield make
@@ -45,7 +45,7 @@ def verdict(data: bytes, keyring: Keyring) -> tuple[str, list[str]] | str:
 def test_good_signature_gives_the_signed_text_from_gpg(trusted, keys) -> None:
     ring = trusted("upstream")
     text, signers = verdict(keys("upstream").clearsign(TEXT), ring)
-    assert text.encode() == TEXT
+    assert text == TEXT.rstrip(b"\n")  # apt's split: the message lines, joined by newlines
     assert signers == [keys("upstream").fingerprint]
 
 
@@ -77,13 +77,13 @@ def test_good_plus_expired_trusted_signatures_pass_as_apt_does(trusted, keys) ->
 
 def test_expired_key_alone_is_key_expired(tmp_path: Path, keys) -> None:
     key = keys("old-expired", expired=True)
-    with Keyring(write_keyring(tmp_path / "k.asc", [key])) as ring:
+    with Keyring(write_keyring(tmp_path / "k.asc", [key]), tmp_path / "home") as ring:
         assert verdict(key.clearsign(TEXT), ring) == "signature-key-expired"
 
 
 def test_revoked_key_alone_is_key_revoked(tmp_path: Path, keys) -> None:
     key = keys("gone-revoked", revoked=True)
-    with Keyring(write_keyring(tmp_path / "k.asc", [key])) as ring:
+    with Keyring(write_keyring(tmp_path / "k.asc", [key]), tmp_path / "home") as ring:
         assert verdict(key.clearsign(TEXT), ring) == "signature-key-revoked"
 
 
@@ -106,35 +106,61 @@ def test_altered_text_is_a_bad_signature_even_next_to_a_good_one(trusted, keys) 
         lambda d: b"Injected: before\n" + d,
         lambda d: d + b"Injected: after\n",
         lambda d: d + d,
-        lambda d: d.replace(b"Hash: SHA256\n", b"Hash: SHA256\nComment: extra armor header\n"),
+        lambda d: b"\n" + d,
+        lambda d: b"  \n" + d,
+        lambda d: d + b"\n",
+        lambda d: d + b"\f\n",
+        lambda d: d.replace(b"Hash: SHA256\n", b"Hash: SHA256\n-Comment: a dash\n"),
+        lambda d: d.replace(b"Origin:", b"-Origin:"),
     ],
-    ids=["text-before", "text-after", "second-block", "extra-armor-header"],
+    ids=[
+        "text-before",
+        "text-after",
+        "second-block",
+        "blank-line-before",
+        "spaces-line-before",
+        "blank-line-after",
+        "form-feed-after",
+        "dash-armor-header",
+        "unescaped-dash-line",
+    ],
 )
-def test_anything_outside_the_one_signed_block_is_refused(trusted, keys, mangle) -> None:
-    """gpg still says 'valid' for these; apt refuses them, so aptguard must too."""
+def test_framing_apt_refuses_is_refused_though_gpg_accepts_some(trusted, keys, mangle) -> None:
+    """gpg says 'valid' for several of these; apt's splitter refuses them all, so aptguard must too."""
     ring = trusted("upstream")
     assert verdict(mangle(keys("upstream").clearsign(TEXT)), ring) == "signature-invalid"
 
 
-def test_blank_lines_around_the_block_are_fine(trusted, keys) -> None:
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda d: d.replace(b"\n", b"\r\n"),
+        lambda d: d.replace(b"Hash: SHA256\n", b""),
+        lambda d: d.replace(b"Hash: SHA256\n", b"Hash: SHA256\nComment: extra armor header\n"),
+        lambda d: d.replace(b"-----BEGIN PGP SIGNED MESSAGE-----\n", b"-----BEGIN PGP SIGNED MESSAGE-----  \n"),
+    ],
+    ids=["crlf", "no-hash-header", "extra-armor-header", "trailing-blanks-on-armor-line"],
+)
+def test_framing_apt_accepts_is_accepted_though_gpg_refuses_some(trusted, keys, mangle) -> None:
+    """apt splits the file itself and runs gpgv on text + detached signature: these verify for apt."""
     ring = trusted("upstream")
-    text, _ = verdict(b"\n" + keys("upstream").clearsign(TEXT) + b"\n\n", ring)
-    assert text.encode() == TEXT
+    text, signers = verdict(mangle(keys("upstream").clearsign(TEXT)), ring)
+    assert text == TEXT.rstrip(b"\n") and signers == [keys("upstream").fingerprint]
 
 
 def test_detached_signature_over_release(trusted, keys) -> None:
     ring = trusted("upstream")
     text, good = verify.verify_detached(TEXT, keys("upstream").detach_sign(TEXT), ring, "Release.gpg")
-    assert text.encode() == TEXT and good == [keys("upstream").fingerprint]
+    assert text == TEXT and good == [keys("upstream").fingerprint]
     with pytest.raises(Rejected) as err:
         verify.verify_detached(TEXT + b"X: y\n", keys("upstream").detach_sign(TEXT), ring, "Release.gpg")
     assert err.value.reason == "signature-invalid"
 
 
 def test_inrelease_must_say_what_release_says() -> None:
-    verify.signed_files_match(TEXT.decode(), TEXT, "InRelease")
+    verify.signed_files_match(TEXT.rstrip(b"\n"), TEXT, "InRelease")
     with pytest.raises(Rejected) as err:
-        verify.signed_files_match(TEXT.decode(), TEXT.replace(b"Example", b"Other"), "InRelease")
+        verify.signed_files_match(TEXT.rstrip(b"\n"), TEXT.replace(b"Example", b"Other"), "InRelease")
     assert err.value.reason == "signature-invalid"
 
 
