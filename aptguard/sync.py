@@ -119,8 +119,11 @@ async def sync_upstream(
         try:
             work.mkdir(parents=True)
             with Keyring(up.keyring, work / "gnupg") as keyring:
-                run = _Sync(up, store, keyring, work, log, concurrency, progress or Progress(), limits)
-                async with asyncio.timeout(limits.sync_timeout):
+                # One deadline for the whole sync and for every request (a request read in a worker
+                # thread is not cancelled with the coroutine: the fetcher must end it itself).
+                deadline = time.monotonic() + limits.sync_timeout
+                run = _Sync(up, store, keyring, work, log, concurrency, progress or Progress(), limits, deadline)
+                async with asyncio.timeout_at(asyncio.get_running_loop().time() + limits.sync_timeout):
                     result = await run.run(promote=promote, allow_release_change=allow_release_change)
         except Rejected as exc:
             result = SyncResult(up.name, "rejected", exc.reason, exc.detail)
@@ -195,8 +198,10 @@ class _Sync:
         concurrency: int,
         progress: Progress,
         limits: Limits,
+        deadline: float,
     ) -> None:
         self.limits = limits
+        self.deadline = deadline
         self.up = up
         self.store = store
         self.keyring = keyring
@@ -226,7 +231,14 @@ class _Sync:
             self.downloaded += n
             self.progress.advance(up.name, nbytes=n)
 
-        async with Fetcher(up.url, self.work, concurrency=self.concurrency, on_bytes=bytes_in) as fetcher:
+        async with Fetcher(
+            up.url,
+            self.work,
+            concurrency=self.concurrency,
+            on_bytes=bytes_in,
+            min_rate=self.limits.min_rate,
+            deadline=self.deadline,
+        ) as fetcher:
             previous = (current or {}).get("suites", {})
             suites = await _gather(
                 self._release(fetcher, s, newest, previous.get(s), allow_release_change, now) for s in up.suites
