@@ -1,7 +1,7 @@
 """Prometheus metrics: the health of every upstream (from the data folder) and this server's traffic.
 
 Upstream metrics are read at scrape time from the same place `status` reads (state/NAME.json,
-the current snapshot's manifest, the keyring expiry recorded by the last sync), so they speak
+the current snapshot's summary, the keyring expiry recorded by the last sync), so they speak
 the reason codes of reasons.py and stay right across restarts. Sync outcome counters are
 persisted by sync.py in the state file (`outcomes`), so they count every run, not only the
 runs this process saw. Request counters are per server process.
@@ -10,6 +10,7 @@ runs this process saw. Request counters are per server process.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from aptguard import summary
 from aptguard.config import Config
 from aptguard.status import status
 from aptguard.store import FileStore
@@ -45,6 +47,7 @@ class ServerMetrics:
             registry=self.registry,
         )
         self.upstreams: UpstreamCollector | None = None
+        self.lock = threading.Lock()  # two scrapes at once must not both register the collector
 
 
 SERVER_KEY = web.AppKey("aptguard_metrics", ServerMetrics)
@@ -82,7 +85,6 @@ class UpstreamCollector(Collector):
         self.config = config
         self.store = store
         self._stored: tuple[float, int] | None = None
-        self._bytes: dict[tuple[str, str], int] = {}  # snapshots are immutable: read each manifest once
 
     def stored_bytes(self) -> int:
         now = time.monotonic()
@@ -98,12 +100,11 @@ class UpstreamCollector(Collector):
         return self._stored[1]
 
     def snapshot_bytes(self, name: str, snap_id: str) -> int | None:
-        if (name, snap_id) not in self._bytes:
-            try:
-                self._bytes[(name, snap_id)] = int(self.store.read_manifest(name, snap_id)["bytes"])
-            except (OSError, KeyError, ValueError):
-                return None
-        return self._bytes[(name, snap_id)]
+        try:
+            size = summary.load(self.store, name, snap_id)["bytes"]
+        except (OSError, ValueError):
+            return None
+        return None if size is None else int(size)
 
     def collect(self) -> Iterator[Any]:
         now = time.time()
@@ -187,8 +188,9 @@ class UpstreamCollector(Collector):
 
 
 def exposition(config: Config, store: FileStore, server: ServerMetrics) -> tuple[bytes, str]:
-    """The /metrics body and its content type."""
-    if server.upstreams is None:
-        server.upstreams = UpstreamCollector(config, store)
-        server.registry.register(server.upstreams)
+    """The /metrics body and its content type (called from the server's worker threads)."""
+    with server.lock:
+        if server.upstreams is None:
+            server.upstreams = UpstreamCollector(config, store)
+            server.registry.register(server.upstreams)
     return generate_latest(server.registry), CONTENT_TYPE_LATEST

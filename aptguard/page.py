@@ -2,7 +2,8 @@
 
 Server-rendered HTML with inline CSS and no JavaScript, built from the same `status()` report
 as `aptguard status --json`, so the page, the CLI and /metrics never disagree. It reads no
-snapshot manifest beyond the current ones that `status()` reads (snapshot ids carry their time).
+snapshot manifest: `status()` reads the summaries of the current snapshots (summary.py), and
+snapshot ids carry their time.
 """
 
 from __future__ import annotations

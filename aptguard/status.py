@@ -1,10 +1,16 @@
-"""What `status`, `/status`, the status page and the metrics report: one function, one shape."""
+"""What `status`, `/status`, the status page and the metrics report: one function, one shape.
+
+It reads the small state file of each upstream and the summary of its current snapshot
+(summary.py), which parses a manifest once per process, not once per call: the server calls
+this for every request to /, /status and /metrics.
+"""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from aptguard import summary
 from aptguard.config import Config
 from aptguard.snapshot import rollback_target
 from aptguard.store import FileStore
@@ -29,11 +35,11 @@ def upstream_status(config: Config, store: FileStore, name: str, now: datetime |
     suites: dict[str, Any] = {}
     if current is not None:
         try:
-            manifest = store.read_manifest(name, current)
+            served = summary.load(store, name, current)
         except FileNotFoundError:
-            manifest = {"suites": {}}
+            served = {"suites": {}}
             warnings.append(f"current snapshot {current} has no manifest: run `aptguard fsck {name}`")
-        for suite, meta in manifest["suites"].items():
+        for suite, meta in served["suites"].items():
             valid_until = _parse(meta.get("valid_until"))
             left = (valid_until - now).total_seconds() if valid_until else None
             suites[suite] = {"date": meta["date"], "valid_until": meta.get("valid_until"), "valid_until_seconds": left}
