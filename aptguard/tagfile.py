@@ -12,7 +12,7 @@ clients fetch bytes the mirror never checked. So, as apt:
   a space follows it; it runs up to the next field, trailing whitespace removed; lines
   starting with whitespace continue it;
 - a field line with no colon before the stanza's end makes the whole file unparsable.
-Numbers are ASCII digits only (`str.isdigit` also accepts "²").
+Numbers are read as C's strtoull reads them: ASCII digits only (`str.isdigit` also accepts "²").
 
 Pure functions over bytes.
 """
@@ -25,27 +25,33 @@ from collections.abc import Iterator
 # isspace() in the C locale, as apt's isspace_ascii.
 WHITESPACE = b" \t\n\v\f\r"
 STANZA_END = re.compile(rb"\n\r*\n")
-_DIGITS = re.compile(r"[0-9]+")
+_NUMBER = re.compile(r"[ \t\n\v\f\r]*([+-]?)([0-9]+)")
 
 
 class TagFileError(Exception):
     """A file apt's tag parser cannot read."""
 
 
-def stanzas(data: bytes) -> Iterator[bytes]:
-    """The stanzas of a tag file, each ending with the newline that closed its last line."""
+def stanzas(data: bytes, *, start_of_file: bool = True) -> Iterator[bytes]:
+    """The stanzas of a tag file, each ending with the newline that closed its last line.
+
+    As apt: newlines and carriage returns after a stanza's end are skipped, but not at the
+    start of the file, where a blank line makes an empty stanza (apt then refuses a Packages
+    file: a stanza with no Package). A stanza of whitespace alone is empty too.
+    """
     if data and not data.endswith(b"\n"):
         data += b"\n"
     pos, end = 0, len(data)
-    while pos < end:
+    if not start_of_file:
         while pos < end and data[pos] in b"\r\n":
             pos += 1
-        if pos >= end:
-            return
+    while pos < end:
         found = STANZA_END.search(data, pos)
         stop = found.start() + 1 if found else end
         yield data[pos:stop]
-        pos = stop
+        pos = found.end() if found else end
+        while pos < end and data[pos] in b"\r\n":
+            pos += 1
 
 
 def fields(stanza: bytes) -> dict[str, bytes]:
@@ -96,9 +102,15 @@ def first_stanza(data: bytes) -> dict[str, bytes]:
 
 
 def number(value: str | bytes) -> int | None:
-    """A non-negative whole number written in ASCII digits, else None."""
+    """A number as apt reads it (strtoull): optional whitespace and sign, then ASCII digits,
+    whatever follows ignored; None where no digit starts it ("²", "٢", "x"). A minus sign
+    wraps around as in C, so the size matches no real file."""
     text = value.decode("latin-1") if isinstance(value, bytes) else value
-    return int(text) if _DIGITS.fullmatch(text) else None
+    found = _NUMBER.match(text)
+    if found is None:
+        return None
+    n = int(found.group(2))
+    return (-n) % (1 << 64) if found.group(1) == "-" else min(n, (1 << 64) - 1)
 
 
 def _show(data: bytes) -> str:

@@ -17,7 +17,6 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from email.utils import parsedate_to_datetime
 from typing import BinaryIO
 
 from aptguard import clearsign, tagfile
@@ -38,7 +37,7 @@ TRUSTED_DIGESTS = frozenset({"4", "5", "6", "7", "8", "9", "10", "11"})
 COMPRESSIONS = ("", ".xz", ".gz", ".bz2", ".lzma", ".zst", ".lz4")
 STANZA_LIMIT = 16 * 1024 * 1024  # real stanzas are a few KiB; a longer one is a memory attack
 CHUNK = 256 * 1024
-_HEX = re.compile(r"[0-9A-Fa-f]+")
+_HEX = re.compile(r"[0-9a-f]+")  # apt compares hash strings as they are: upper case never matches
 _PATH_WORD = re.compile(r"^[A-Za-z0-9_+~:%@=,-][A-Za-z0-9_.+~:%@=,-]*$")
 _SAFE_PATH = re.compile(r"[A-Za-z0-9_+~:%@=,-][A-Za-z0-9_.+~:%@=,-]*(?:/[A-Za-z0-9_+~:%@=,-][A-Za-z0-9_.+~:%@=,-]*)*")
 NAME_MAX = 255  # the longest file name a filesystem stores
@@ -245,7 +244,7 @@ def _judge(status: list[bytes], keyring: Keyring, where: str) -> list[str]:
             bad.append(first)
         elif word == "ERRSIG":
             errsig.append(args)
-            if len(args) > 6 and _HEX.fullmatch(args[6]):  # the issuer fingerprint, for the message only
+            if len(args) > 6 and re.fullmatch(r"[0-9A-F]{40}", args[6]):  # the issuer fingerprint, for the message only
                 issuer[args[0][:16]] = args[6]
         elif word == "NO_PUBKEY":
             no_pubkey.append(first)
@@ -335,14 +334,59 @@ def signed_files_match(inrelease_text: bytes, release: bytes, where: str) -> Non
 # ---------------------------------------------------------------- Release fields
 
 
-def _date(value: str, name: str, where: str) -> datetime:
+_MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+_WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+_CLOCK = re.compile(r"([0-9]{1,2}):([0-9]{1,2}):([0-9]{1,2})")
+
+
+def apt_date(value: str) -> datetime | None:
+    """A date as apt's RFC1123StrToTime reads it, or None where apt cannot read it.
+
+    RFC 1123 ("Sun, 06 Nov 1994 08:49:37 GMT"), RFC 850 ("Sunday, 06-Nov-94 08:49:37 GMT")
+    or asctime ("Sun Nov  6 08:49:37 1994"); the zone must be GMT, UTC, Z or a numeric zero
+    offset: apt refuses "+0100" and "-1200", and so does aptguard.
+    """
+    words = value.split()
+    if not words or words[0][:3].lower() not in _WEEKDAYS:
+        return None
+    weekday = words[0]
     try:
-        parsed = parsedate_to_datetime(value)
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=UTC)
-        return parsed.astimezone(UTC)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        raise Rejected("release-invalid", f"{where}: {name} {value[:80]!r} is not an RFC 2822 date") from None
+        if len(weekday) == 4 and weekday.endswith(","):
+            day_text, month, year_text, clock, zone = words[1:]
+        elif len(weekday) == 3:
+            month, day_text, clock, year_text = words[1:]
+            zone = "UTC"
+        elif len(weekday) > 4 and weekday.endswith(","):
+            date_text, clock, zone = words[1:]
+            day_text, month, year_text = date_text.split("-")
+            year_text = str(1900 + int(year_text))
+        else:
+            return None
+    except ValueError:
+        return None
+    if zone not in ("GMT", "UTC", "Z") and not re.fullmatch(r"[+-]?0+", zone):
+        return None
+    found = _CLOCK.fullmatch(clock)
+    if not found or month[:3].lower() not in _MONTHS or not day_text.isascii() or not day_text.isdigit():
+        return None
+    if not re.fullmatch(r"[+-]?[0-9]+", year_text):
+        return None
+    year = int(year_text)
+    if year > 9999:  # apt's time_t holds it; Python's datetime does not: as far in the future as it goes
+        return datetime.max.replace(tzinfo=UTC)
+    try:
+        return datetime(
+            year, _MONTHS.index(month[:3].lower()) + 1, int(day_text), *(int(g) for g in found.groups()), tzinfo=UTC
+        )
+    except ValueError:
+        return None
+
+
+def _date(value: str, name: str, where: str) -> datetime:
+    parsed = apt_date(value)
+    if parsed is None:
+        raise Rejected("release-invalid", f"{where}: {name} {value[:80]!r} is not a date apt reads (RFC 1123, in UTC)")
+    return parsed
 
 
 def check_release(
@@ -417,11 +461,11 @@ def check_release(
                 )
             old = files.get(name)
             if old is None:
-                files[name] = Expected(path=base + name, size=size, hashes={algo: digest.lower()})
+                files[name] = Expected(path=base + name, size=size, hashes={algo: digest})
             elif old.size != size:
                 raise Rejected("release-invalid", f"{where}: {name} listed with sizes {old.size} and {size}")
             else:
-                old.hashes[algo] = digest.lower()
+                old.hashes[algo] = digest
     return TrustedRelease(
         suite=suite,
         base=base,
@@ -509,6 +553,10 @@ def needed_indices(release: TrustedRelease, upstream: UpstreamConfig) -> list[In
             continue
         for v in variants:
             check_path(v.path, f"{release.base}Release")
+            if "sha256" not in v.hashes:
+                raise Rejected(
+                    "release-invalid", f"{v.path}: listed in the Release without SHA256 (apt needs a strong hash)"
+                )
         groups.append(IndexGroup(kind, name, variants, release.files.get(name), label.strip("/")))
     return groups
 
@@ -579,7 +627,9 @@ def _package_entry(stanza: bytes, n: int, where: str) -> PoolFile:
         fields = _stanza_fields(b"\n" + stanza)
     except Rejected as exc:
         raise Rejected(exc.reason, f"{where}: entry {n}: {exc.detail}") from None
-    package = _text(fields.get("package", b"?"))
+    if "package" not in fields:
+        raise Rejected("index-mismatch", f"{where}: entry {n} has no Package field (apt refuses the whole index)")
+    package = _text(fields["package"])
     filename = _text(fields.get("filename", b""))
     if not filename:
         raise Rejected("index-mismatch", f"{where}: entry {n} ({package}) has no Filename")
@@ -587,7 +637,7 @@ def _package_entry(stanza: bytes, n: int, where: str) -> PoolFile:
     size = tagfile.number(fields.get("size", b""))
     if size is None:
         raise Rejected("index-mismatch", f"{where}: {filename} has no valid Size (ASCII digits)")
-    hashes = {INDEX_HASHES[k]: _text(v).lower() for k, v in fields.items() if k in INDEX_HASHES}
+    hashes = {INDEX_HASHES[k]: _text(v) for k, v in fields.items() if k in INDEX_HASHES}
     if "sha256" not in hashes:
         raise Rejected("index-mismatch", f"{where}: {filename} has no SHA256 (no strong hash to verify)")
     for algo, digest in hashes.items():
@@ -611,7 +661,9 @@ def _source_entries(stanza: bytes, where: str) -> Iterator[PoolFile]:
         fields = tagfile.fields(stanza)
     except tagfile.TagFileError as exc:
         raise Rejected("index-mismatch", f"{where}: {exc}") from None
-    package, version = _text(fields.get("package", b"?")), _text(fields.get("version", b""))
+    if "package" not in fields:
+        raise Rejected("index-mismatch", f"{where}: a source stanza has no Package field (apt refuses the whole index)")
+    package, version = _text(fields["package"]), _text(fields.get("version", b""))
     directory = _text(fields.get("directory", b""))
     if not directory:
         raise Rejected("index-mismatch", f"{where}: source {package} has no Directory")
@@ -628,7 +680,7 @@ def _source_entries(stanza: bytes, where: str) -> Iterator[PoolFile]:
             known, hashes = files.setdefault(name, (size, {}))
             if known != size:
                 raise Rejected("index-mismatch", f"{where}: {name} listed with two sizes")
-            hashes[algo] = digest.lower()
+            hashes[algo] = digest
     for name, (size, hashes) in files.items():
         path = check_path(f"{directory}/{name}", where)
         if "sha256" not in hashes:
@@ -650,6 +702,7 @@ class _Stanzas:
     def __init__(self, where: str) -> None:
         self.where = where
         self.rest = b""
+        self.first = True  # apt skips blank lines between stanzas, not at the start of the file
 
     def feed(self, chunk: bytes) -> Iterator[bytes]:
         # A separator begun in `rest` can only be its tail: a newline and carriage returns.
@@ -661,12 +714,13 @@ class _Stanzas:
             self.rest = data
         else:
             self.rest = data[cut:]
-            yield from tagfile.stanzas(data[:cut])
+            first, self.first = self.first, False
+            yield from tagfile.stanzas(data[:cut], start_of_file=first)
         if len(self.rest) > STANZA_LIMIT:
             raise Rejected("too-large", f"{self.where}: a stanza longer than {STANZA_LIMIT} bytes")
 
     def finish(self) -> Iterator[bytes]:
-        yield from tagfile.stanzas(self.rest)
+        yield from tagfile.stanzas(self.rest, start_of_file=self.first)
         self.rest = b""
 
 
