@@ -83,10 +83,7 @@ def split_clearsigned(data: bytes) -> Split:
     open_block = True
     for line in lines:
         if open_block:
-            if line == END_SIGNATURE:
-                open_block = False
-            elif line.startswith(b"-"):
-                raise FramingError(f"signature line starting with a dash: {_show(line)}")
+            open_block = not _closes_block(line)
         elif line == BEGIN_SIGNATURE:
             open_block = True
         else:
@@ -104,10 +101,7 @@ def check_detached(signature: bytes) -> None:
     stray: bytes | None = None
     for line in lines_of(signature):
         if open_block:
-            if line == END_SIGNATURE:
-                open_block = False
-            elif line.startswith(b"-"):
-                raise FramingError(f"signature line starting with a dash: {_show(line)}")
+            open_block = not _closes_block(line)
         elif line == BEGIN_SIGNATURE:
             open_block = True
             found += 1
@@ -125,6 +119,16 @@ def check_detached(signature: bytes) -> None:
         raise FramingError(f"lines that belong to no signature: {_show(stray)}")
     if open_block:
         raise FramingError("the signature block is not closed")
+
+
+def _closes_block(line: bytes) -> bool:
+    """A line inside a signature block: True for its END line. Radix-64 never starts with a dash,
+    so any other dash line is a header apt's parser and gpg's could read differently: refused."""
+    if line == END_SIGNATURE:
+        return True
+    if line.startswith(b"-"):
+        raise FramingError(f"signature line starting with a dash: {_show(line)}")
+    return False
 
 
 def _show(line: bytes) -> str:

@@ -110,7 +110,9 @@ def number(value: str | bytes) -> int | None:
     if found is None:
         return None
     n = int(found.group(2))
-    return (-n) % (1 << 64) if found.group(1) == "-" else min(n, (1 << 64) - 1)
+    if n >= 1 << 64:
+        return (1 << 64) - 1  # strtoull's ERANGE answer, whatever the sign
+    return (-n) % (1 << 64) if found.group(1) == "-" else n
 
 
 def _show(data: bytes) -> str:

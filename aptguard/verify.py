@@ -448,17 +448,9 @@ def check_release(
     base = suite_base(suite)
     files: dict[str, Expected] = {}
     for list_name, algo in RELEASE_HASHES.items():
-        # apt reads each list as whitespace-separated (hash, size, name) triples.
-        words = fields.get(list_name.lower(), "").split()
-        if len(words) % 3:
-            raise Rejected("release-invalid", f"{where}: the {list_name} list is not (hash, size, name) triples")
-        for i in range(0, len(words), 3):
-            digest, size_text, name = words[i : i + 3]
-            size = tagfile.number(size_text)
-            if size is None or len(digest) != HEX_LEN[algo] or not _HEX.fullmatch(digest):
-                raise Rejected(
-                    "release-invalid", f"{where}: bad {list_name} entry {' '.join(words[i : i + 3])[:120]!r}"
-                )
+        for digest, size, name in _sums(
+            fields.get(list_name.lower(), ""), algo, f"{where}: {list_name}", "release-invalid"
+        ):
             old = files.get(name)
             if old is None:
                 files[name] = Expected(path=base + name, size=size, hashes={algo: digest})
@@ -476,6 +468,20 @@ def check_release(
         signers=signers,
         by_hash=fields.get("acquire-by-hash", "").lower() == "yes",
     )
+
+
+def _sums(text: str, algo: str, what: str, reason: str) -> Iterator[tuple[str, int, str]]:
+    """(hash, size, name) triples of a Release hash list or a Sources Files/Checksums field,
+    whitespace-separated as apt reads them; a hash must be lower-case hex of its algorithm's length."""
+    words = text.split()
+    if len(words) % 3:
+        raise Rejected(reason, f"{what} is not (hash, size, name) triples")
+    for i in range(0, len(words), 3):
+        digest, size_text, name = words[i : i + 3]
+        size = tagfile.number(size_text)
+        if size is None or len(digest) != HEX_LEN[algo] or not _HEX.fullmatch(digest):
+            raise Rejected(reason, f"{what}: bad entry {' '.join(words[i : i + 3])[:120]!r}")
+        yield digest, size, name
 
 
 def check_against_current(
@@ -669,14 +675,9 @@ def _source_entries(stanza: bytes, where: str) -> Iterator[PoolFile]:
         raise Rejected("index-mismatch", f"{where}: source {package} has no Directory")
     files: dict[str, tuple[int, dict[str, str]]] = {}
     for key, algo in _SRC_HASHES.items():
-        words = _text(fields.get(key, b"")).split()
-        if len(words) % 3:
-            raise Rejected("index-mismatch", f"{where}: source {package}: {key} is not (hash, size, name) triples")
-        for i in range(0, len(words), 3):
-            digest, size_text, name = words[i : i + 3]
-            size = tagfile.number(size_text)
-            if size is None or len(digest) != HEX_LEN[algo] or not _HEX.fullmatch(digest):
-                raise Rejected("index-mismatch", f"{where}: bad {key} entry {' '.join(words[i : i + 3])[:80]!r}")
+        for digest, size, name in _sums(
+            _text(fields.get(key, b"")), algo, f"{where}: {package} {key}", "index-mismatch"
+        ):
             known, hashes = files.setdefault(name, (size, {}))
             if known != size:
                 raise Rejected("index-mismatch", f"{where}: {name} listed with two sizes")
@@ -810,8 +811,11 @@ def read_index(
                 n += 1
                 entries.extend(_entries(group.kind, stanza, n, where))
         got = {a: h.hexdigest() for a, h in hashers.items()}
-        if group.plain is not None:
-            group.plain.check(total, got, "index-mismatch")
+        plain = group.plain
+        if plain is not None and (total != plain.size or any(got[a] != h for a, h in plain.hashes.items())):
+            raise Rejected(
+                "index-mismatch", f"{where}: decompresses to other content than the Release lists for {plain.path}"
+            )
         if digest is not None and got["sha256"] != digest:
             raise Rejected("index-mismatch", f"{where}: decompresses to other content than its siblings")
         digest = got["sha256"]

@@ -5,8 +5,8 @@
 Without --index it uses bench/.cache/index/Packages.xz, fetched once with
 `../shared/live-debian.sh --packages-only` when the archive is reachable, else generated with
 the same size and shape (about 63,000 stanzas, 50 MB uncompressed). Each run is a fresh
-process running the sync's own code (sync._parse_index: decompress, check the uncompressed
-size and hashes, verify.packages_entries) in a worker thread, as the sync does, while the event
+process running the sync's own code (verify.read_index: check the download, decompress as it
+streams, check the uncompressed size and hashes, parse by apt's rules) in a worker thread, as the sync does, while the event
 loop ticks every millisecond: the report gives wall time, peak RSS and the longest loop block.
 """
 
@@ -105,8 +105,7 @@ def expected_entries(xz: Path) -> tuple[dict[str, str], int, dict[str, str], int
 
 def child(xz: Path) -> None:
     """One measured run (a fresh process, so peak RSS is this run's)."""
-    from aptguard import sync, verify
-    from aptguard.fetch import Download
+    from aptguard import verify
 
     xz_hashes, xz_size, plain_hashes, plain_size = expected_entries(xz)
     started = time.perf_counter()
@@ -118,7 +117,7 @@ def child(xz: Path) -> None:
     group = verify.IndexGroup(
         "Packages", REL, [xz_exp], verify.Expected(f"dists/x/{REL}", plain_size, dict(plain_hashes)), "main/amd64"
     )
-    present = [(xz_exp, Download(xz, xz_size, got))]
+    present = [(xz_exp, xz_size, got)]
     lag = 0.0
 
     async def main() -> list[verify.PoolFile]:
@@ -134,7 +133,7 @@ def child(xz: Path) -> None:
 
         loop.call_later(0.001, tick, loop.time() + 0.001)
         try:
-            return await asyncio.to_thread(sync._parse_index, group, present)
+            return await asyncio.to_thread(verify.read_index, group, present, lambda _: open(xz, "rb"), 2 * 1024**3)
         finally:
             done = True
 

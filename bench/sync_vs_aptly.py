@@ -1,13 +1,16 @@
 """Sync benchmark: aptguard against aptly, apt-mirror2 and the local-disk floor, side by side.
 
     .venv/bin/python bench/sync_vs_aptly.py [--runs 3] [--shapes small,large] [--results bench/RESULTS.md]
+        [--tools aptguard,aptly,...] [--baseline GIT-REV]
 
 An upstream of real signed .debs (fixtures/repo.py, fixtures/keys.py) is served by nginx on
 127.0.0.1. For each shape and each run, every tool starts from an empty folder and does three
 phases: cold (nothing local), no-op (upstream unchanged) and incremental (+5% new packages).
 The tools take turns inside each run, so machine noise hits them alike; the table gives medians
 of wall time and peak RSS (per process, from /usr/bin/time), and the ratios aptguard/aptly and
-aptguard/floor. See the README, "Benchmarks".
+aptguard/floor. `--baseline REV` adds aptguard as of that git revision as one more tool, run
+the same way in the same turns, for a before/after of a change (ratio aptguard/baseline).
+See the README, "Benchmarks".
 """
 
 from __future__ import annotations
@@ -222,8 +225,11 @@ class Aptguard(Tool):
             f'keyring = "{self.keyring}"\n'
         )
 
+    tree = ROOT
+
     def phase(self, phase: str) -> Measure:
-        m = run([str(APTGUARD), "--config", str(self.config), "sync"])
+        env = {**os.environ, "PYTHONPATH": str(self.tree)}
+        m = run([sys.executable, "-m", "aptguard", "--config", str(self.config), "sync"], env=env)
         out = run.last_output  # type: ignore[attr-defined]
         want = "unchanged" if phase == "no-op" else "promoted"
         if f"bench: {want}" not in out:
@@ -232,6 +238,13 @@ class Aptguard(Tool):
 
     def debs(self) -> int:
         return count_debs(self.work / "data" / "current" / "bench")
+
+
+class Baseline(Aptguard):
+    """aptguard at another git revision (--baseline), exported to a folder of its own."""
+
+    name = "baseline"
+    tree = ROOT
 
 
 class Aptly(Tool):
@@ -337,7 +350,7 @@ def bench_shape(shape: str, runs: int, work: Path, tools: list[str]) -> Table:
     www.mkdir()
     nginx = Nginx(work / "nginx", www)
     table = Table(shape)
-    classes = {"aptguard": Aptguard, "aptly": Aptly, "apt-mirror2": AptMirror2, "floor": Floor}
+    classes = {"aptguard": Aptguard, "baseline": Baseline, "aptly": Aptly, "apt-mirror2": AptMirror2, "floor": Floor}
     try:
         for r in range(runs):
             # Each run starts with another tool, so no tool always follows the upstream's build
@@ -417,6 +430,18 @@ def render(tables: list[Table], runs: int) -> str:
                 f"| peak RSS, {phase} | " + " | ".join(cell(tool, phase, "rss") for tool in TOOLS[:3])
                 + f" | - | {ratio('aptguard', 'aptly', phase, 'rss')} | - |"
             )  # fmt: skip
+        if any(tool == "baseline" for tool, _ in t.runs):
+            lines += ["", "| phase | aptguard | baseline | aptguard/baseline |", "|---|---|---|---|"]
+            for phase in PHASES:
+                lines.append(
+                    f"| {phase} | {cell('aptguard', phase, 'time')} | {cell('baseline', phase, 'time')} "
+                    f"| {ratio('aptguard', 'baseline', phase, 'time')} |"
+                )
+            for phase in PHASES:
+                lines.append(
+                    f"| peak RSS, {phase} | {cell('aptguard', phase, 'rss')} | {cell('baseline', phase, 'rss')} "
+                    f"| {ratio('aptguard', 'baseline', phase, 'rss')} |"
+                )
         lines.append("")
     return "\n".join(lines)
 
@@ -427,8 +452,19 @@ def main() -> None:
     parser.add_argument("--shapes", default="small,large")
     parser.add_argument("--tools", default=",".join(TOOLS))
     parser.add_argument("--results", type=Path, help="write the tables to this Markdown file (bench/RESULTS.md)")
+    parser.add_argument("--baseline", help="also run aptguard as of this git revision (a before/after)")
     args = parser.parse_args()
     tools = args.tools.split(",")
+    if args.baseline:
+        tree = CACHE / f"baseline-{args.baseline}"
+        if not (tree / "aptguard").is_dir():
+            tree.mkdir(parents=True, exist_ok=True)
+            archive = subprocess.run(
+                ["git", "-C", str(ROOT), "archive", args.baseline, "aptguard"], capture_output=True, check=True
+            )
+            subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+        Baseline.tree = tree
+        tools.append("baseline")
     if "apt-mirror2" in tools and not (PEERS_VENV / "bin" / "apt-mirror").exists():
         print(f"apt-mirror2 not installed: python3 -m venv {PEERS_VENV} && {PEERS_VENV}/bin/pip install apt-mirror")
         tools.remove("apt-mirror2")

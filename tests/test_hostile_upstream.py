@@ -233,6 +233,34 @@ def test_valid_until_in_year_9999_utc_is_far_future_as_for_apt(hostile) -> None:
     assert s.mirror.run("status").returncode == 0
 
 
+# ---------------------------------------------------------------- answers that crashed the run
+
+
+@pytest.mark.parametrize(
+    ("target", "headers"),
+    [
+        ("InRelease", [("Location", "http://127.0.0.1:99999/x"), ("Content-Length", "0")]),
+        ("InRelease", [("Location", "http://a..b/x"), ("Content-Length", "0")]),
+        ("Packages", [("Location", "http://127.0.0.1:99999/x"), ("Content-Length", "0")]),
+        ("InRelease", [("Content-Length", "²")]),
+        ("Packages", [("Content-Length", "²")]),
+    ],
+    ids=["inrelease-redirect-port-99999", "inrelease-redirect-host-a..b", "index-redirect-port-99999",
+         "inrelease-content-length-superscript", "index-content-length-superscript"],
+)  # fmt: skip
+def test_a_hostile_http_answer_is_unreachable_not_a_crash(hostile, target: str, headers) -> None:
+    """Each of these ended the whole `aptguard sync` with a traceback; later upstreams never synced."""
+    s, n = hostile
+    s.new_release()
+    s.publish(by_hash=False)
+    rel = f"dists/{SUITE}/InRelease" if target == "InRelease" else f"dists/{SUITE}/main/binary-amd64/Packages.xz"
+    code = 302 if headers[0][0] == "Location" else 200
+    s.upstream.fault(rel, "raw", code=code, headers=headers, data=b"")
+    direct = s.direct.update()
+    assert not direct.ok, f"apt must not take this answer:\n{direct.output}"
+    assert_only_its_own_sync_fails(s, n, "unreachable", rel)
+
+
 # ---------------------------------------------------------------- bounded work
 
 

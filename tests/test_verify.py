@@ -190,3 +190,62 @@ def test_unsafe_paths_are_refused(path: str) -> None:
 )
 def test_real_pool_paths_are_accepted(path: str) -> None:
     assert verify.check_path(path, "Packages") == path
+
+
+@pytest.mark.parametrize(
+    "path", ["pool/.hidden/a.deb", "pool/a/.deb", ".well-known/a.deb", "pool/" + "x" * 256 + ".deb"]
+)
+def test_paths_no_server_would_serve_are_refused_as_unsafe(path: str) -> None:
+    """Dot-files are never served (by either server) and a part over 255 bytes cannot be stored:
+    a snapshot naming them would be promoted and then fail every client."""
+    with pytest.raises(Rejected) as err:
+        verify.check_path(path, "Packages")
+    assert err.value.reason == "unsafe-path"
+
+
+def _variants(tmp_path: Path, plain: bytes, others: dict[str, bytes]) -> tuple[verify.IndexGroup, list, dict]:
+    import hashlib
+
+    files = {"": plain, **others}
+    entries = {
+        ext: verify.Expected(
+            f"dists/x/main/binary-amd64/Packages{ext}", len(d), {"sha256": hashlib.sha256(d).hexdigest()}
+        )
+        for ext, d in files.items()
+    }
+    for ext, d in files.items():
+        (tmp_path / f"Packages{ext}").write_bytes(d)
+    group = verify.IndexGroup(
+        "Packages", "main/binary-amd64/Packages", list(entries.values()), entries[""], "main/amd64"
+    )
+    present = [(e, e.size, e.hashes) for e in entries.values()]
+    return group, present, {id(e): tmp_path / f"Packages{ext}" for ext, e in entries.items()}
+
+
+STANZA = b"Package: a\nVersion: 1\nFilename: pool/a.deb\nSize: 3\nSHA256: " + b"a" * 64 + b"\n"
+
+
+@pytest.mark.parametrize("ext", [".zst", ".lz4", ".xz", ".gz", ".bz2"])
+def test_every_compressed_variant_must_say_what_the_others_say(tmp_path: Path, ext: str) -> None:
+    import bz2
+    import gzip
+    import lzma
+
+    import lz4.frame
+    import zstandard
+
+    pack = {
+        ".zst": zstandard.ZstdCompressor().compress,
+        ".lz4": lz4.frame.compress,
+        ".xz": lzma.compress,
+        ".gz": gzip.compress,
+        ".bz2": bz2.compress,
+    }[ext]
+    group, present, paths = _variants(tmp_path, STANZA, {ext: pack(STANZA)})
+    entries = verify.read_index(group, present, lambda e: open(paths[id(e)], "rb"), 1 << 20)
+    assert [p.expected.path for p in entries or []] == ["pool/a.deb"]
+    other = STANZA.replace(b"pool/a.deb", b"pool/b.deb")
+    group, present, paths = _variants(tmp_path, STANZA, {ext: pack(other)})
+    with pytest.raises(Rejected) as err:
+        verify.read_index(group, present, lambda e: open(paths[id(e)], "rb"), 1 << 20)
+    assert err.value.reason == "index-mismatch" and ext in err.value.detail
