@@ -54,9 +54,9 @@ def stanzas(data: bytes, *, start_of_file: bool = True) -> Iterator[bytes]:
             pos += 1
 
 
-def fields(stanza: bytes) -> dict[str, bytes]:
-    """Field name (lower case) -> value of one stanza; the last of repeated names wins."""
-    out: dict[str, bytes] = {}
+def fields(stanza: bytes) -> dict[bytes, bytes]:
+    """Field name (ASCII lower case, as apt compares) -> value; the last of repeated names wins."""
+    out: dict[bytes, bytes] = {}
     pos, end = 0, len(stanza)
     while pos < end:
         if stanza[pos] in WHITESPACE:  # a continuation line with no field before it: skipped
@@ -78,7 +78,7 @@ def fields(stanza: bytes) -> dict[str, bytes]:
             stop = _next_line(stanza, stop)
             if stop >= end or stanza[stop] not in WHITESPACE:
                 break
-        out[name.decode("latin-1").lower()] = stanza[start:stop].rstrip(WHITESPACE)
+        out[name.lower()] = stanza[start:stop].rstrip(WHITESPACE)
         pos = stop
     return out
 
@@ -94,7 +94,7 @@ def _next_line(data: bytes, pos: int) -> int:
     return pos
 
 
-def first_stanza(data: bytes) -> dict[str, bytes]:
+def first_stanza(data: bytes) -> dict[bytes, bytes]:
     """The fields of the first stanza: apt reads a Release file's first stanza and nothing else."""
     for stanza in stanzas(data):
         return fields(stanza)

@@ -28,7 +28,7 @@ from aptguard.reasons import Rejected
 MAX_FUTURE = timedelta(seconds=10)
 # Release hash lists, and the hash names used everywhere inside aptguard.
 RELEASE_HASHES = {"MD5Sum": "md5", "SHA1": "sha1", "SHA256": "sha256", "SHA512": "sha512"}
-INDEX_HASHES = {"md5sum": "md5", "sha1": "sha1", "sha256": "sha256", "sha512": "sha512"}
+INDEX_HASHES = {b"md5sum": "md5", b"sha1": "sha1", b"sha256": "sha256", b"sha512": "sha512"}
 BY_HASH_DIR = {"md5": "MD5Sum", "sha1": "SHA1", "sha256": "SHA256", "sha512": "SHA512"}
 HEX_LEN = {"md5": 32, "sha1": 40, "sha256": 64, "sha512": 128}
 # gpg's digest algorithm numbers (RFC 4880 9.4): apt trusts SHA2 (and the reserved 4-7), no others.
@@ -405,7 +405,7 @@ def check_release(
         raw = tagfile.first_stanza(text)
     except tagfile.TagFileError as exc:
         raise Rejected("release-invalid", f"{where}: {exc}") from None
-    fields = {name: value.decode("utf-8", "replace") for name, value in raw.items()}
+    fields = {name.decode("latin-1"): value.decode("utf-8", "replace") for name, value in raw.items()}
     if "date" not in fields:
         raise Rejected("release-invalid", f"{where}: no Date field")
     date = _date(fields["date"], "Date", where)
@@ -586,7 +586,7 @@ def check_path(path: str, where: str) -> str:
     absolute, `..`, empty parts, dot-files (neither server serves them), parts longer than a
     file name may be, odd bytes."""
     if len(path) <= 1024 and _SAFE_PATH.fullmatch(path):  # the common case in one regex; else say why
-        if all(len(part) <= NAME_MAX for part in path.split("/")):
+        if len(path) <= NAME_MAX or all(len(part) <= NAME_MAX for part in path.split("/")):
             return path
     if not path or path.startswith("/") or "\\" in path or len(path) > 1024:
         raise Rejected("unsafe-path", f"{where}: path {path[:120]!r} is not a plain relative path")
@@ -608,16 +608,16 @@ def check_path(path: str, where: str) -> str:
 _PKG_FIELD = re.compile(
     rb"\n(package|version|filename|size|md5sum|sha1|sha256|sha512)[ \t]*:[ \t]*([^\n]*)(\n[ \t])?", re.IGNORECASE
 )
-_ODD = re.compile(rb"[\r\v\f]|\n[^ \t\n:][^:\n]*(?:\n|$)")
-_WANTED = frozenset({"package", "version", "filename", "size", "md5sum", "sha1", "sha256", "sha512"})
+_NO_COLON = re.compile(rb"\n[^ \t\n:][^:\n]*(?:\n|$)")  # a field line whose name would run on to the next line
+_WANTED = frozenset({b"package", b"version", b"filename", b"size", b"md5sum", b"sha1", b"sha256", b"sha512"})
 
 
-def _stanza_fields(stanza: bytes) -> dict[str, bytes]:
+def _stanza_fields(stanza: bytes) -> dict[bytes, bytes]:
     """Wanted field (lower case) -> value, as apt reads the stanza (which starts with "\\n")."""
-    if not _ODD.search(stanza):
+    if b"\r" not in stanza and b"\v" not in stanza and b"\f" not in stanza and not _NO_COLON.search(stanza):
         found = _PKG_FIELD.findall(stanza)
-        if not any(continued for _, _, continued in found):
-            return {key.decode().lower(): value.rstrip(tagfile.WHITESPACE) for key, value, _ in found}
+        if not any([field[2] for field in found]):
+            return {key.lower(): value.rstrip(tagfile.WHITESPACE) for key, value, _ in found}
     try:
         return {k: v for k, v in tagfile.fields(stanza[1:]).items() if k in _WANTED}
     except tagfile.TagFileError as exc:
@@ -633,14 +633,14 @@ def _package_entry(stanza: bytes, n: int, where: str) -> PoolFile:
         fields = _stanza_fields(b"\n" + stanza)
     except Rejected as exc:
         raise Rejected(exc.reason, f"{where}: entry {n}: {exc.detail}") from None
-    if "package" not in fields:
+    if b"package" not in fields:
         raise Rejected("index-mismatch", f"{where}: entry {n} has no Package field (apt refuses the whole index)")
-    package = _text(fields["package"])
-    filename = _text(fields.get("filename", b""))
+    package = _text(fields[b"package"])
+    filename = _text(fields.get(b"filename", b""))
     if not filename:
         raise Rejected("index-mismatch", f"{where}: entry {n} ({package}) has no Filename")
     check_path(filename, where)
-    size = tagfile.number(fields.get("size", b""))
+    size = tagfile.number(fields.get(b"size", b""))
     if size is None:
         raise Rejected("index-mismatch", f"{where}: {filename} has no valid Size (ASCII digits)")
     hashes = {INDEX_HASHES[k]: _text(v) for k, v in fields.items() if k in INDEX_HASHES}
@@ -649,7 +649,7 @@ def _package_entry(stanza: bytes, n: int, where: str) -> PoolFile:
     for algo, digest in hashes.items():
         if len(digest) != HEX_LEN[algo] or not _HEX.fullmatch(digest):
             raise Rejected("index-mismatch", f"{where}: {filename} has a malformed {algo} {digest[:80]!r}")
-    return PoolFile(Expected(filename, size, hashes), package, _text(fields.get("version", b"")))
+    return PoolFile(Expected(filename, size, hashes), package, _text(fields.get(b"version", b"")))
 
 
 def packages_entries(text: str | bytes, where: str) -> Iterator[PoolFile]:
@@ -659,7 +659,7 @@ def packages_entries(text: str | bytes, where: str) -> Iterator[PoolFile]:
         yield _package_entry(stanza, n, where)
 
 
-_SRC_HASHES = {"files": "md5", "checksums-sha1": "sha1", "checksums-sha256": "sha256", "checksums-sha512": "sha512"}
+_SRC_HASHES = {b"files": "md5", b"checksums-sha1": "sha1", b"checksums-sha256": "sha256", b"checksums-sha512": "sha512"}
 
 
 def _source_entries(stanza: bytes, where: str) -> Iterator[PoolFile]:
@@ -667,16 +667,16 @@ def _source_entries(stanza: bytes, where: str) -> Iterator[PoolFile]:
         fields = tagfile.fields(stanza)
     except tagfile.TagFileError as exc:
         raise Rejected("index-mismatch", f"{where}: {exc}") from None
-    if "package" not in fields:
+    if b"package" not in fields:
         raise Rejected("index-mismatch", f"{where}: a source stanza has no Package field (apt refuses the whole index)")
-    package, version = _text(fields["package"]), _text(fields.get("version", b""))
-    directory = _text(fields.get("directory", b""))
+    package, version = _text(fields[b"package"]), _text(fields.get(b"version", b""))
+    directory = _text(fields.get(b"directory", b""))
     if not directory:
         raise Rejected("index-mismatch", f"{where}: source {package} has no Directory")
     files: dict[str, tuple[int, dict[str, str]]] = {}
     for key, algo in _SRC_HASHES.items():
         for digest, size, name in _sums(
-            _text(fields.get(key, b"")), algo, f"{where}: {package} {key}", "index-mismatch"
+            _text(fields.get(key, b"")), algo, f"{where}: {package} {key.decode()}", "index-mismatch"
         ):
             known, hashes = files.setdefault(name, (size, {}))
             if known != size:
