@@ -87,7 +87,7 @@ def sync(
 ) -> None:
     """Fetch, verify, store and promote a new snapshot of every (or each named) upstream."""
     from aptguard.keyring import read_keyring
-    from aptguard.sync import SyncResult, sync_upstream
+    from aptguard.sync import SyncResult, internal_error, sync_upstream
 
     if log_format not in ("text", "json"):
         _fail(f"--log-format: expected text or json, got {log_format!r}")
@@ -125,6 +125,8 @@ def sync(
                     )
                 except OSError as exc:  # the lock or the state file: this upstream fails, the next one syncs
                     result = SyncResult(up.name, "rejected", "storage-error", f"{config.data_dir}: {exc}")
+                except Exception as exc:  # a bug outside the sync's own guard: still only this upstream's
+                    result = internal_error(store, up, exc)
                 results.append(result)
                 progress.end(up.name)
             return results

@@ -137,7 +137,7 @@ async def sync_upstream(
         except OSError as exc:
             result = SyncResult(up.name, "rejected", "storage-error", storage_error(exc, "local disk").detail)
         except Exception as exc:  # a bug: this upstream is rejected, the others still sync
-            result = _internal_error(store, up, exc)
+            result = internal_error(store, up, exc)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         result.stats["seconds"] = round(time.monotonic() - started, 3)
@@ -145,7 +145,8 @@ async def sync_upstream(
         return result
 
 
-def _internal_error(store: FileStore, up: UpstreamConfig, exc: Exception) -> SyncResult:
+def internal_error(store: FileStore, up: UpstreamConfig, exc: Exception) -> SyncResult:
+    """A bug met while syncing `up`: its rejection, the traceback appended to the data folder's log."""
     text = f"{datetime.now(UTC).isoformat()} sync {up.name}:\n" + "".join(traceback.format_exception(exc))
     try:
         where = f"; traceback in {store.log_error(text)}"
@@ -181,10 +182,14 @@ def _record_outcome(store: FileStore, up: UpstreamConfig, result: SyncResult, at
         key = f"{result.outcome}:{result.reason or ''}"
         counts[key] = counts.get(key, 0) + 1
         store.write_state(up.name, state)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # unwritable, or a damaged state file (left as it is: it holds the hold)
+        detail = (
+            storage_error(exc, "state file").detail if isinstance(exc, OSError) else f"state file unreadable: {exc}"
+        )
         if result.ok:
-            result.outcome, result.reason = "rejected", "storage-error"
-            result.detail = storage_error(exc, "state file").detail
+            result.outcome, result.reason, result.detail = "rejected", "storage-error", detail
+        else:
+            result.detail += f"; the outcome could not be recorded ({detail})"
 
 
 class _Sync:

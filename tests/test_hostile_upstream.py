@@ -339,6 +339,23 @@ def test_a_trickling_upstream_is_cut_at_sync_timeout(hostile) -> None:
     assert time.monotonic() - started < 60
 
 
+# ---------------------------------------------------------------- one failure never stops the run
+
+
+def test_an_unexpected_failure_is_that_upstreams_internal_error_and_the_run_goes_on(hostile) -> None:
+    """A failure nobody planned for (here: a damaged side file of the upstream's snapshot, which the
+    sync parses) is a rejection with reason `internal-error`, its traceback in the data folder's
+    log and not on the terminal; the next upstream syncs and what was served stays."""
+    s, n = hostile
+    side = next((s.mirror.data / "meta" / "up").glob("*.byhash.json"))
+    side.write_text("{ not json")
+    s.new_release()
+    s.publish()
+    assert_only_its_own_sync_fails(s, n, "internal-error", "JSONDecodeError", "aptguard.log")
+    log = (s.mirror.data / "log" / "aptguard.log").read_text()
+    assert "Traceback" in log and "sync up" in log, log[-2000:]
+
+
 # ---------------------------------------------------------------- names and files
 
 
