@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import os
 import resource
 import select
@@ -100,7 +101,7 @@ class Keyring:
             self.file.write_bytes(packets)
             (home / "gpgv").mkdir(mode=0o700)
             self.keys, self.fingerprints = self._read_keys(packets)
-            self._calls = 0
+            self._calls = itertools.count(1)  # next() is atomic: suites are verified in parallel threads
         except BaseException:
             self.close()
             raise
@@ -145,9 +146,9 @@ class Keyring:
         text can start a line. Rejected `too-large` if gpgv runs past GPGV_SECONDS or prints
         more than STATUS_LIMIT bytes.
         """
-        self._calls += 1
-        sig_path = self.home / f"check-{self._calls}.sig"
-        data_path = self.home / f"check-{self._calls}.data"
+        n = next(self._calls)
+        sig_path = self.home / f"check-{n}.sig"
+        data_path = self.home / f"check-{n}.data"
         sig_path.write_bytes(signature)
         data_path.write_bytes(data)
         try:

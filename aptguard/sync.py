@@ -366,7 +366,9 @@ class _Sync:
             and all(old_signed.get(n) == (signed[n].hashes["sha256"] if n in signed else None) for n in SIGNED_NAMES)
         )
         body = {name: download.read() for name, download in signed.items()}  # each read once
-        files = verify.SignedFiles(body.get("InRelease"), body.get("Release"), body.get("Release.gpg"))
+        files = verify.SignedFiles(
+            body.get("InRelease"), body.get("Release"), body.get("Release.gpg"), source=fetcher.base_url + base
+        )
         verdict = await asyncio.to_thread(
             verify.verify_suite,
             files,

@@ -148,6 +148,7 @@ class SignedFiles:
     inrelease: bytes | None
     release: bytes | None
     release_gpg: bytes | None
+    source: str = ""  # the suite's URL, for messages
 
 
 @dataclass
@@ -202,7 +203,7 @@ def verify_suite(
             missing = " and ".join(
                 n for n, f in (("Release", files.release), ("Release.gpg", files.release_gpg)) if f is None
             )
-            raise Rejected("signature-missing", f"{base}: no InRelease, and no {missing} (HTTP 404)")
+            raise Rejected("signature-missing", f"{files.source or base}: no InRelease, and no {missing} (HTTP 404)")
         where = base + "Release.gpg"
         text, signers = verify_detached(files.release, files.release_gpg, keyring, where)
         serve = ["Release", "Release.gpg"]
