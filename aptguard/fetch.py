@@ -49,6 +49,7 @@ HEADERS = {"User-Agent": "aptguard", "Accept-Encoding": "identity"}
 _HOST_RE = re.compile(
     r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?"
 )
+_PRINTABLE = re.compile(r"[!-~]+")  # printable ASCII, no space: checked in C for every request
 HASHLIB_NAMES = {"md5": "md5", "sha1": "sha1", "sha256": "sha256", "sha512": "sha512"}
 
 
@@ -469,7 +470,7 @@ def _split(url: str, target: str) -> tuple[str, str, int | None, str]:
     later (getaddrinfo's idna codec on an empty label, urllib on a port past 65535, http.client
     on a control character); Rejected `unreachable` naming `url` otherwise."""
     try:
-        if not target or not all("!" <= c <= "~" for c in target):
+        if not _PRINTABLE.fullmatch(target):
             raise _BadURL("not a URL of printable ASCII characters")
         try:
             parts = urllib.parse.urlsplit(target)

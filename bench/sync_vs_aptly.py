@@ -1,11 +1,14 @@
 """Sync benchmark: aptguard against aptly, apt-mirror2 and the local-disk floor, side by side.
 
-    .venv/bin/python bench/sync_vs_aptly.py [--runs 3] [--shapes small,large] [--results bench/RESULTS.md]
-        [--tools aptguard,aptly,...] [--baseline GIT-REV]
+    .venv/bin/python bench/sync_vs_aptly.py [--runs 3] [--shapes small,large,debian] [--results bench/RESULTS.md]
+        [--tools aptguard,aptly,...] [--baseline GIT-REV] [--log FILE]
 
 An upstream of real signed .debs (fixtures/repo.py, fixtures/keys.py) is served by nginx on
 127.0.0.1. For each shape and each run, every tool starts from an empty folder and does three
 phases: cold (nothing local), no-op (upstream unchanged) and incremental (+5% new packages).
+The `debian` shape is Debian-sized: 60,000 packages of 512 bytes in Debian's pool layout,
+written directly in Python (bench/debian_shape.py: no tool opens a .deb during a sync), and its
+incremental phase is +1% new packages and 1% upgraded (a new version, the old one gone).
 The tools take turns inside each run, so machine noise hits them alike; the table gives medians
 of wall time and peak RSS (per process, from /usr/bin/time), and the ratios aptguard/aptly and
 aptguard/floor. `--baseline REV` adds aptguard as of that git revision as one more tool, run
@@ -35,6 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import debian_shape  # noqa: E402
+
 from fixtures.keys import make_key, write_keyring  # noqa: E402
 from fixtures.repo import Repo  # noqa: E402
 
@@ -42,9 +47,35 @@ CACHE = ROOT / "bench" / ".cache"
 PEERS_VENV = ROOT / "bench" / ".venv-peers"
 APTGUARD = ROOT / ".venv" / "bin" / "aptguard"
 SUITE = "bench"
-SHAPES = {"small": (1000, 64 * 1024), "large": (100, 4 * 1024 * 1024), "tiny": (40, 4096)}
+
+
+@dataclass(frozen=True)
+class Shape:
+    count: int
+    size: int
+    new: int = 5  # % of packages added for the incremental phase
+    upgraded: int = 0  # % of packages at a new version in it (new pool file, the old one gone)
+    written: bool = False  # pool and indices written directly (bench/debian_shape.py), not real .debs
+
+    def __str__(self) -> str:
+        return f"{self.count} packages × " + (f"{self.size // 1024} KiB" if self.size >= 1024 else f"{self.size} B")
+
+    @property
+    def incremental(self) -> str:
+        return f"+{self.new}% new" + (f", {self.upgraded}% upgraded" if self.upgraded else "")
+
+
+SHAPES = {
+    "small": Shape(1000, 64 * 1024),
+    "large": Shape(100, 4 * 1024 * 1024),
+    "tiny": Shape(40, 4096),
+    # Debian bookworm main amd64: 63,440 packages in about 35,000 source folders.
+    "debian": Shape(60_000, 512, new=1, upgraded=1, written=True),
+    "debian-tiny": Shape(1200, 512, new=1, upgraded=1, written=True),
+}
 PHASES = ("cold", "no-op", "incremental")
 TOOLS = ("aptguard", "aptly", "apt-mirror2", "floor")
+LOG: Path | None = None  # --log: every command's output, appended
 
 
 @dataclass
@@ -91,6 +122,9 @@ def run(cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path | None =
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout.decode(errors='replace')[-3000:]}")
     run.last_output = proc.stdout.decode(errors="replace")  # type: ignore[attr-defined]
+    if LOG is not None:
+        with open(LOG, "a") as log:
+            log.write(f"$ {' '.join(cmd)}\n# {seconds:.3f} s, {peak // 1024} MB\n{run.last_output}\n")  # type: ignore[attr-defined]
     return Measure(seconds, peak)
 
 
@@ -151,17 +185,25 @@ class Nginx:
 # ---------------------------------------------------------------- the upstream
 
 
-def build_upstream(work: Path, count: int, size: int) -> tuple[Path, Path, Path, int]:
-    """Two published states of one suite: A (count packages) and B (A + 5% new); and the keyring."""
+def build_upstream(work: Path, shape: Shape) -> tuple[Path, Path, Path, int]:
+    """Two published states of one suite: A (count packages) and B (A + new% new packages, and
+    upgraded% of A's at a new version); the keyring; how many packages B adds."""
     key = make_key(work / "keys", "bench")
+    count = shape.count
+    extra = max(1, count * shape.new // 100)
     try:
         keyring = write_keyring(work / "keys" / "bench.gpg", [key], armored=False)
+        if shape.written:
+            upgraded = max(1, count * shape.upgraded // 100) if shape.upgraded else 0
+            root_a, root_b = debian_shape.build(work / "up", SUITE, key, count, shape.size, extra, upgraded)
+            return root_a, root_b, keyring, extra
+        if shape.upgraded:
+            raise ValueError("upgrades are only in written shapes (bench/debian_shape.py)")
         roots = []
-        extra = max(1, count * 5 // 100)
         for label, n in (("A", count), ("B", count + extra)):
             repo = Repo(work / "up" / label, CACHE / "debs")
             for i in range(n):
-                repo.add(SUITE, "main", "amd64", f"pkg{i:05d}", "1.0-1", size=size)
+                repo.add(SUITE, "main", "amd64", f"pkg{i:05d}", "1.0-1", size=shape.size)
             # B is published a second later: its Release Date is newer, as a real update's is.
             if label == "B":
                 time.sleep(1.1)
@@ -200,10 +242,11 @@ def count_debs(root: Path) -> int:
 class Tool:
     name = ""
 
-    def __init__(self, work: Path, nginx: Nginx, keyring: Path) -> None:
+    def __init__(self, work: Path, nginx: Nginx, keyring: Path, shape: Shape) -> None:
         self.work = work
         self.nginx = nginx
         self.keyring = keyring
+        self.shape = shape
         work.mkdir(parents=True)
 
     def phase(self, phase: str) -> Measure:
@@ -298,9 +341,13 @@ class AptMirror2(Tool):
     def __init__(self, *args: object) -> None:
         super().__init__(*args)  # type: ignore[arg-type]
         self.config = self.work / "mirror.list"
+        url = self.nginx.url("repo")
+        # Where packages are upgraded, the old versions are deleted (`clean` and `_autoclean`),
+        # as aptly's `publish switch` and aptguard's snapshots drop them.
+        clean = f"set _autoclean 1\nclean {url}\n" if self.shape.upgraded else ""
         self.config.write_text(
             f"set base_path {self.work}\nset nthreads 16\nset gpg_verify force\nset _contents 0\n"
-            f"deb-amd64 [signed-by={self.keyring}] {self.nginx.url('repo')} {SUITE} main\n"
+            f"deb-amd64 [signed-by={self.keyring}] {url} {SUITE} main\n{clean}"
         )
 
     def phase(self, phase: str) -> Measure:
@@ -326,11 +373,14 @@ class Floor(Tool):
             tree_files(src)  # compare what is there with what upstream has: nothing to copy
         else:
             have = tree_files(dest) if dest.exists() else {}
-            for rel, (size, _mtime) in tree_files(src).items():
+            want = tree_files(src)
+            for rel, (size, _mtime) in want.items():
                 if rel.startswith("dists/") or have.get(rel, (None,))[0] != size:
                     target = dest / rel
                     target.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(src / rel, target)
+            for rel in have.keys() - want.keys():  # upgraded packages: the old version goes
+                (dest / rel).unlink()
         return Measure(time.perf_counter() - started, 0)
 
     def debs(self) -> int:
@@ -341,10 +391,10 @@ class Floor(Tool):
 
 
 def bench_shape(shape: str, runs: int, work: Path, tools: list[str]) -> Table:
-    count, size = SHAPES[shape]
-    print(f"== shape {shape}: {count} packages of {size // 1024} KiB (+5% for the incremental phase)", flush=True)
+    count = SHAPES[shape].count
+    print(f"== shape {shape}: {SHAPES[shape]} ({SHAPES[shape].incremental} for the incremental phase)", flush=True)
     started = time.perf_counter()
-    root_a, root_b, keyring, extra = build_upstream(work, count, size)
+    root_a, root_b, keyring, extra = build_upstream(work, SHAPES[shape])
     print(f"   upstream built in {time.perf_counter() - started:.1f} s", flush=True)
     www = work / "www"
     www.mkdir()
@@ -357,7 +407,7 @@ def bench_shape(shape: str, runs: int, work: Path, tools: list[str]) -> Table:
             # (or another tool's clean-up) while the disk is still writing it back.
             for name in tools[r % len(tools) :] + tools[: r % len(tools)]:
                 point(www / "repo", root_a)
-                tool = classes[name](work / f"run{r}" / name, nginx, keyring)
+                tool = classes[name](work / f"run{r}" / name, nginx, keyring, SHAPES[shape])
                 if isinstance(tool, Floor):
                     tool.source = root_a
                 for phase in PHASES:
@@ -369,6 +419,7 @@ def bench_shape(shape: str, runs: int, work: Path, tools: list[str]) -> Table:
                     m = tool.phase(phase)
                     table.add(name, phase, m)
                     if phase != "no-op":
+                        # Upgraded packages replace their old version: only new ones add to the count.
                         want = count + (extra if phase == "incremental" else 0)
                         got = tool.debs()
                         if got != want:
@@ -399,9 +450,10 @@ def machine() -> str:
 def render(tables: list[Table], runs: int) -> str:
     lines = []
     for t in tables:
-        count, size = SHAPES[t.shape]
         lines += [
-            f"### {count} packages × {size // 1024} KiB (medians of {runs} runs)",
+            f"### {SHAPES[t.shape]} (medians of {runs} runs"
+            + ("" if SHAPES[t.shape].incremental == "+5% new" else f"; incremental: {SHAPES[t.shape].incremental}")
+            + ")",
             "",
             "| phase | aptguard | aptly | apt-mirror2 | floor | aptguard/aptly | aptguard/floor |",
             "|---|---|---|---|---|---|---|",
@@ -453,7 +505,10 @@ def main() -> None:
     parser.add_argument("--tools", default=",".join(TOOLS))
     parser.add_argument("--results", type=Path, help="write the tables to this Markdown file (bench/RESULTS.md)")
     parser.add_argument("--baseline", help="also run aptguard as of this git revision (a before/after)")
+    parser.add_argument("--log", type=Path, help="append every command's output to this file")
     args = parser.parse_args()
+    global LOG
+    LOG = args.log
     tools = args.tools.split(",")
     if args.baseline:
         tree = CACHE / f"baseline-{args.baseline}"
