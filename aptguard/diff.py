@@ -19,7 +19,7 @@ def packages_of(store: FileStore, name: str, snap_id: str | None) -> Listing:
     """The package listing of a snapshot (empty for None: "before the first snapshot")."""
     if snap_id is None:
         return {}
-    return store.read_manifest(name, snap_id).get("packages", {})
+    return store.read_manifest(name, snap_id).packages
 
 
 def compare(old: Listing, new: Listing) -> dict[str, dict[str, dict[str, list[dict[str, str]]]]]:

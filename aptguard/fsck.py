@@ -12,7 +12,6 @@ already collected) are not damage: nothing serves them, and the next sync or gc 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import stat
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from aptguard.gc import leftovers
+from aptguard.records import FileRecord
 from aptguard.snapshot import rollback_target
 from aptguard.store import FileStore
 
@@ -33,7 +33,7 @@ class _File:
 
     path: Path
     algos: set[str] = field(default_factory=set)
-    claims: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    claims: list[tuple[str, FileRecord]] = field(default_factory=list)
 
 
 def _rel(store: FileStore, path: Path) -> str:
@@ -76,8 +76,7 @@ def _check_upstream(
         tree = store.snapshot_dir(name, snap_id)
         meta = store.meta_path(name, snap_id)
         try:
-            manifest = json.loads(meta.read_text())
-            files: dict[str, dict[str, Any]] = manifest["files"]
+            files = store.read_manifest(name, snap_id).files
         except FileNotFoundError:
             damaged(_rel(store, tree), f"snapshot tree without its manifest {_rel(store, meta)}")
             continue

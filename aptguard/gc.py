@@ -51,7 +51,7 @@ def keep_reasons(
     cutoff = now - timedelta(days=keep_days)
     for snap_id in ids:
         try:
-            created = datetime.fromisoformat(store.read_manifest(name, snap_id)["created"])
+            created = datetime.fromisoformat(store.read_manifest(name, snap_id).created)
         except (OSError, ValueError, KeyError):
             reasons[snap_id].append("manifest unreadable (run `aptguard fsck`)")
             continue
@@ -154,9 +154,9 @@ def collect(
                     {
                         "upstream": name,
                         "id": snap_id,
-                        "created": manifest.get("created"),
-                        "files": manifest.get("count"),
-                        "bytes": manifest.get("bytes"),
+                        "created": manifest.created,
+                        "files": manifest.count,
+                        "bytes": manifest.bytes,
                     }
                 )
         if dry_run:

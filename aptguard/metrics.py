@@ -146,7 +146,7 @@ class UpstreamCollector(Collector):
         warnings = GaugeMetricFamily("aptguard_warnings", "Warnings shown by `aptguard status`", labels=["upstream"])
         for name, st in report.items():
             state = self.store.read_state(name)
-            for key, count in sorted((state.get("outcomes") or {}).items()):
+            for key, count in sorted((state.outcomes or {}).items()):
                 outcome, _, reason = key.partition(":")
                 outcomes.add_metric([name, outcome, reason], count)
             if st["last_sync"]:

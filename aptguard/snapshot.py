@@ -10,6 +10,7 @@ from typing import Any
 
 from aptguard.config import NAME_RE
 from aptguard.reasons import UsageError
+from aptguard.records import UpstreamState
 from aptguard.store import FileStore
 
 
@@ -20,15 +21,14 @@ def summary(
     manifest = store.read_manifest(name, snap_id)
     return {
         "id": snap_id,
-        "created": manifest["created"],
+        "created": manifest.created,
         "current": snap_id == current,
         "pins": sorted(pin for pin, target in pins.items() if target == (name, snap_id)),
         "suites": {
-            suite: {"date": meta["date"], "valid_until": meta["valid_until"]}
-            for suite, meta in manifest["suites"].items()
+            suite: {"date": meta.date, "valid_until": meta.valid_until} for suite, meta in manifest.suites.items()
         },
-        "files": manifest["count"],
-        "bytes": manifest["bytes"],
+        "files": manifest.count,
+        "bytes": manifest.bytes,
     }
 
 
@@ -47,27 +47,25 @@ def require_snapshot(store: FileStore, name: str, snap_id: str) -> None:
         )
 
 
-def rollback_target(store: FileStore, name: str, state: dict[str, Any] | None = None) -> str | None:
+def rollback_target(store: FileStore, name: str, state: UpstreamState | None = None) -> str | None:
     """The snapshot `rollback` returns to: the one the current snapshot replaced.
 
     It is recorded keyed by the snapshot it belongs to, before current/NAME is swapped, so a kill
     between the two writes leaves the right target for whichever snapshot ends up current."""
     current = store.current(name)
     state = store.read_state(name) if state is None else state
-    return state.get("rollback_targets", {}).get(current) if current else None
+    return state.rollback_target(current)
 
 
-def switch_current(
-    store: FileStore, name: str, state: dict[str, Any], new: str, old: str | None, *, hold: bool
-) -> None:
+def switch_current(store: FileStore, name: str, state: UpstreamState, new: str, old: str | None, *, hold: bool) -> None:
     """Record `old` as `new`'s rollback target and the hold, then make `new` current (under the
     upstream's lock). State first: see rollback_target."""
     stored = set(store.snapshot_ids(name))
-    targets = {k: v for k, v in state.get("rollback_targets", {}).items() if k in stored}
+    targets = {k: v for k, v in (state.rollback_targets or {}).items() if k in stored}
     if old is not None and old != new:
         targets[new] = old
-    state["rollback_targets"] = targets
-    state["hold"] = hold
+    state.rollback_targets = targets
+    state.hold = hold
     store.write_state(name, state)
     if old != new:
         store.set_current(name, new)

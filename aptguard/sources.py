@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Any
 
 from aptguard.config import UpstreamConfig
+from aptguard.records import Manifest
 
 
 def default_base_url(listen: str) -> str:
@@ -30,7 +30,7 @@ def stanza(
     up: UpstreamConfig,
     uri: str,
     *,
-    fixed_manifest: dict[str, Any] | None = None,
+    fixed_manifest: Manifest | None = None,
     signed_by: Path | str | None = None,
 ) -> str:
     """One deb822 stanza for `uri`; `fixed_manifest` is the snapshot's manifest when it is fixed."""
@@ -46,8 +46,6 @@ def stanza(
     if arches:
         fields.append(("Architectures", " ".join(arches)))
     fields.append(("Signed-By", str(signed_by or up.keyring)))
-    if fixed_manifest is not None and any(
-        meta.get("valid_until") for meta in fixed_manifest.get("suites", {}).values()
-    ):
+    if fixed_manifest is not None and any(meta.valid_until for meta in fixed_manifest.suites.values()):
         fields.append(("Check-Valid-Until", "no"))
     return "".join(f"{key}: {value}\n" for key, value in fields)

@@ -54,37 +54,32 @@ def upstream_status(config: Config, store: FileStore, name: str, now: datetime |
                         f"{suite}: the served Release expires in {_span(left)} (Valid-Until {meta['valid_until']}); "
                         "a newer upstream Release must be synced before then"
                     )
-    elif not state.get("last_sync"):
+    elif state.last_sync is None:
         warnings.append("never synced: run `aptguard sync " + name + "`")
     keys = []
-    for key in state.get("keys", []):
-        expires = _parse(key.get("expires"))
+    for key in state.keys or []:
+        expires = _parse(key.expires)
         left = (expires - now).total_seconds() if expires else None
-        keys.append({**key, "expires_seconds": left})
+        keys.append({**key.to_json(), "expires_seconds": left})
         if left is not None and left < config.key_expiry_margin_days * 86400:
             verb = f"expired {_span(-left)} ago" if left <= 0 else f"expires in {_span(left)}"
             warnings.append(
-                f"trusted key {key['fingerprint']} {verb}: get the upstream's renewed key into "
+                f"trusted key {key.fingerprint} {verb}: get the upstream's renewed key into "
                 f"{config.upstreams[name].keyring if name in config.upstreams else 'the keyring'}"
             )
-    last_success = _parse(state.get("last_success"))
+    last_success = _parse(state.last_success)
     if last_success is not None and now - last_success > timedelta(hours=config.stale_sync_hours):
         warnings.append(
             f"last successful sync {_span((now - last_success).total_seconds())} ago: check the sync timer and "
             "the last sync's reason"
         )
-    if state.get("hold"):
+    if state.held:
         warnings.append(f"on hold since a rollback: syncs store but do not promote until `aptguard promote {name} ID`")
-    last = state.get("last_sync")
     return {
         "current": current,
-        "hold": bool(state.get("hold")),
-        "last_sync": (
-            {k: last.get(k) for k in ("outcome", "reason", "detail", "at")} | {"snapshot": last.get("snapshot")}
-            if last
-            else None
-        ),
-        "last_success": state.get("last_success"),
+        "hold": state.held,
+        "last_sync": state.last_sync.to_json() if state.last_sync is not None else None,
+        "last_success": state.last_success,
         "previous": rollback_target(store, name, state),
         "suites": suites,
         "keys": keys,

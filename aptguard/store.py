@@ -15,6 +15,7 @@
 Nothing becomes visible before it is complete: trees are built in tmp/ and renamed into
 snapshots/, objects are renamed into objects/, and the only change clients see is the
 rename of a symlink. This is the one storage backend; the syncer uses only this interface.
+Manifests and state go in and out as the typed records of records.py, never as dicts.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from aptguard.reasons import Rejected
+from aptguard.records import FileRecord, Manifest, UpstreamState
 
 try:  # syncfs(2) flushes only the data folder's filesystem, not every disk of the machine
     _libc: ctypes.CDLL | None = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -134,7 +135,7 @@ class FileStore:
         os.rename(folder, grave)
         fsync_dir(folder.parent)
         self.meta_path(name, snap_id).unlink(missing_ok=True)
-        self.meta_path(name, snap_id).with_suffix(".byhash.json").unlink(missing_ok=True)  # sync's side file
+        self.by_hash_path(name, snap_id).unlink(missing_ok=True)
         fsync_dir(self.meta_path(name, snap_id).parent)
         shutil.rmtree(grave)
 
@@ -143,17 +144,39 @@ class FileStore:
     def meta_path(self, name: str, snap_id: str) -> Path:
         return self.root / "meta" / name / f"{snap_id}.json"
 
-    def read_manifest(self, name: str, snap_id: str) -> dict[str, Any]:
-        return json.loads(self.meta_path(name, snap_id).read_text())
+    def read_manifest(self, name: str, snap_id: str) -> Manifest:
+        """A snapshot's manifest; records.RecordError (a ValueError) if this version cannot read it."""
+        path = self.meta_path(name, snap_id)
+        return Manifest.from_json(json.loads(path.read_bytes()), source=str(path))
 
-    def read_state(self, name: str) -> dict[str, Any]:
+    def by_hash_path(self, name: str, snap_id: str) -> Path:
+        """meta/NAME/ID.byhash.json: a snapshot's own by-hash entries, so a sync reads kilobytes, not manifests."""
+        return self.meta_path(name, snap_id).with_suffix(".byhash.json")
+
+    def read_by_hash(self, name: str, snap_id: str) -> dict[str, FileRecord] | None:
+        """path -> record of a snapshot's own by-hash entries; None for a snapshot made before side files."""
         try:
-            return json.loads((self.root / "state" / f"{name}.json").read_text())
+            return json.loads(self.by_hash_path(name, snap_id).read_bytes())
         except FileNotFoundError:
-            return {}
+            return None
 
-    def write_state(self, name: str, state: dict[str, Any]) -> None:
-        write_atomic(self.root / "state" / f"{name}.json", json.dumps(state, indent=1, sort_keys=True).encode())
+    def write_by_hash(self, name: str, snap_id: str, entries: dict[str, FileRecord]) -> None:
+        write_atomic(self.by_hash_path(name, snap_id), json.dumps(entries, separators=(",", ":")).encode())
+
+    def state_path(self, name: str) -> Path:
+        return self.root / "state" / f"{name}.json"
+
+    def read_state(self, name: str) -> UpstreamState:
+        """An upstream's state (empty if it never synced); records.RecordError if this version cannot read it."""
+        path = self.state_path(name)
+        try:
+            data = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return UpstreamState()
+        return UpstreamState.from_json(data, source=str(path))
+
+    def write_state(self, name: str, state: UpstreamState) -> None:
+        write_atomic(self.state_path(name), json.dumps(state.to_json(), indent=1, sort_keys=True).encode())
 
     # ------------------------------------------------------------ pointers
 
@@ -288,14 +311,14 @@ class Tree:
             shutil.copyfile(self.store.object_path(sha256), dest)
             os.chmod(dest, 0o444)
 
-    def commit(self, manifest: dict[str, Any]) -> None:
+    def commit(self, manifest: Manifest) -> None:
         """Write the manifest, flush everything, then rename the tree into place."""
         final = self.store.snapshot_dir(self.name, self.snap_id)
         final.parent.mkdir(parents=True, exist_ok=True)
         meta = self.store.meta_path(self.name, self.snap_id)
         meta.parent.mkdir(parents=True, exist_ok=True)
         self.store.flush()
-        write_atomic(meta, json.dumps(manifest, separators=(",", ":"), sort_keys=True).encode())
+        write_atomic(meta, json.dumps(manifest.to_json(), separators=(",", ":"), sort_keys=True).encode())
         os.rename(self.path, final)
         fsync_dir(final.parent)
 

@@ -24,6 +24,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from aptguard.records import Manifest
+
 if TYPE_CHECKING:
     from aptguard.store import FileStore
 
@@ -35,16 +37,15 @@ _lock = threading.Lock()  # load() runs in the server's worker threads
 _pending: dict[tuple[str, str, str], asyncio.Task[None]] = {}
 
 
-def of_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+def of_manifest(manifest: Manifest) -> dict[str, Any]:
     """The summary of one snapshot, from its manifest."""
     return {
-        "created": manifest.get("created"),
+        "created": manifest.created,
         "suites": {
-            suite: {"date": meta.get("date"), "valid_until": meta.get("valid_until")}
-            for suite, meta in (manifest.get("suites") or {}).items()
+            suite: {"date": meta.date, "valid_until": meta.valid_until} for suite, meta in manifest.suites.items()
         },
-        "files": manifest.get("count"),
-        "bytes": manifest.get("bytes"),
+        "files": manifest.count,
+        "bytes": manifest.bytes,
     }
 
 
@@ -135,7 +136,7 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m aptguard.summary MANIFEST", file=sys.stderr)
         return 2
-    print(json.dumps(of_manifest(json.loads(Path(argv[0]).read_bytes()))))
+    print(json.dumps(of_manifest(Manifest.from_json(json.loads(Path(argv[0]).read_bytes()), source=argv[0]))))
     return 0
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -27,8 +26,9 @@ from aptguard.fetch import Download, Fetcher
 from aptguard.keyring import Keyring
 from aptguard.progress import Progress
 from aptguard.reasons import Rejected
+from aptguard.records import FileRecord, LastSync, Manifest, SuiteRecord, TrustedKey, file_record
 from aptguard.snapshot import switch_current
-from aptguard.store import FileStore, Tree, new_snapshot_id, storage_error, write_atomic
+from aptguard.store import FileStore, Tree, new_snapshot_id, storage_error
 
 INRELEASE_LIMIT = 10_000_000  # apt's own cap on InRelease
 SIGNATURE_LIMIT = 1_000_000  # a Release.gpg: Debian's, three signatures, is under 3 KB
@@ -67,7 +67,7 @@ class _Snapshot:
 
     def __init__(self, tree: Tree) -> None:
         self.tree = tree
-        self.files: dict[str, dict[str, Any]] = {}
+        self.files: dict[str, FileRecord] = {}
         self.linked: set[str] = set()
 
     def adopt(self, store: FileStore, tmp_file: Path, sha256: str, path: str) -> None:
@@ -77,7 +77,7 @@ class _Snapshot:
         self.tree.link(path, sha256)
         self.linked.add(path)
 
-    def add(self, path: str, record: dict[str, Any]) -> None:
+    def add(self, path: str, record: FileRecord) -> None:
         old = self.files.get(path)
         if old is not None and old["sha256"] != record["sha256"]:
             raise Rejected(
@@ -85,10 +85,6 @@ class _Snapshot:
                 f"{path}: named twice with different content (SHA256 {old['sha256']} and {record['sha256']})",
             )
         self.files[path] = record
-
-
-def _record(size: int, hashes: dict[str, str]) -> dict[str, Any]:
-    return {"size": size, **hashes}
 
 
 async def sync_upstream(
@@ -167,20 +163,18 @@ def _discard_leftovers(store: FileStore, name: str) -> None:
 def _record_outcome(store: FileStore, up: UpstreamConfig, result: SyncResult, at: datetime) -> None:
     try:
         state = store.read_state(up.name)
-        state["last_sync"] = {
-            "outcome": result.outcome,
-            "reason": result.reason,
-            "detail": result.detail,
-            "at": at.isoformat().replace("+00:00", "Z"),
-            "snapshot": result.snapshot,
-        }
+        state.last_sync = LastSync(
+            outcome=result.outcome,
+            reason=result.reason,
+            detail=result.detail,
+            at=at.isoformat().replace("+00:00", "Z"),
+            snapshot=result.snapshot,
+        )
         if result.ok:
-            state["last_success"] = state["last_sync"]["at"]
+            state.last_success = state.last_sync.at
         if result.stats.get("keys") is not None:
-            state["keys"] = result.stats.pop("keys")
-        counts = state.setdefault("outcomes", {})  # "OUTCOME:REASON" -> syncs, for /metrics
-        key = f"{result.outcome}:{result.reason or ''}"
-        counts[key] = counts.get(key, 0) + 1
+            state.keys = result.stats.pop("keys")
+        state.count_outcome(result.outcome, result.reason)
         store.write_state(up.name, state)
     except (OSError, ValueError) as exc:  # unwritable, or a damaged state file (left as it is: it holds the hold)
         detail = (
@@ -222,12 +216,12 @@ class _Sync:
         current_id = store.current(up.name)
         ids = store.snapshot_ids(up.name)
         newest = store.read_manifest(up.name, ids[-1]) if ids else None
-        if current_id is None or newest is None or current_id != newest["id"]:
+        if current_id is None or newest is None or current_id != newest.id:
             current = store.read_manifest(up.name, current_id) if current_id else None
         else:
             current = newest  # usually the same snapshot: read its manifest once
         keys = [
-            {"fingerprint": k.fingerprint, "uid": k.uid, "expires": _iso(k.expires) if k.expires else None}
+            TrustedKey(fingerprint=k.fingerprint, uid=k.uid, expires=_iso(k.expires) if k.expires else None)
             for k in self.keyring.keys
         ]
         now = datetime.now(UTC)
@@ -244,38 +238,37 @@ class _Sync:
             min_rate=self.limits.min_rate,
             deadline=self.deadline,
         ) as fetcher:
-            previous = (current or {}).get("suites", {})
+            previous = current.suites if current is not None else {}
             suites = await _gather(
                 self._release(fetcher, s, newest, previous.get(s), allow_release_change, now) for s in up.suites
             )
             if newest is not None and all(s.unchanged for s in suites):
-                self.log(f"{up.name}: unchanged (signed Release identical to snapshot {newest['id']})")
+                self.log(f"{up.name}: unchanged (signed Release identical to snapshot {newest.id})")
                 return SyncResult(
-                    up.name, "unchanged", snapshot=newest["id"], stats={"keys": keys, "requests": fetcher.requests}
+                    up.name, "unchanged", snapshot=newest.id, stats={"keys": keys, "requests": fetcher.requests}
                 )
             snap_id = new_snapshot_id(set(store.snapshot_ids(up.name)))
             snap = _Snapshot(store.new_tree(up.name, snap_id))
             try:
                 manifest = await self._assemble(fetcher, suites, snap, newest, current_id, current)
                 requests = fetcher.requests
-                manifest["id"] = snap_id
                 await asyncio.to_thread(_link_all, snap)
-                _write_by_hash(store, up.name, snap_id, {p: snap.files[p] for p in manifest["by_hash_own"]})
+                store.write_by_hash(up.name, snap_id, {p: snap.files[p] for p in manifest.by_hash_own})
                 snap.tree.commit(manifest)
             except BaseException:
                 snap.tree.abort()
                 raise
         stats = {
             "keys": keys,
-            "files": manifest["count"],
-            "bytes": manifest["bytes"],
+            "files": manifest.count,
+            "bytes": manifest.bytes,
             "downloaded": self.downloaded,
             "requests": requests,
         }
-        held = bool(state.get("hold"))
+        held = state.held
         if promote and not held:
             switch_current(store, up.name, store.read_state(up.name), snap_id, current_id, hold=False)
-            self.log(f"{up.name}: promoted snapshot {snap_id} ({manifest['count']} files)")
+            self.log(f"{up.name}: promoted snapshot {snap_id} ({manifest.count} files)")
             return SyncResult(up.name, "promoted", snapshot=snap_id, previous=current_id, stats=stats)
         why = "on hold (rollback): `aptguard promote` to serve it" if held else "--no-promote"
         self.log(f"{up.name}: stored snapshot {snap_id}, not promoted: {why}")
@@ -286,15 +279,15 @@ class _Sync:
         fetcher: Fetcher,
         suites: list[_Suite],
         snap: _Snapshot,
-        newest: dict[str, Any] | None,
+        newest: Manifest | None,
         current_id: str | None,
-        current: dict[str, Any] | None,
-    ) -> dict[str, Any]:
+        current: Manifest | None,
+    ) -> Manifest:
         """Fetch and verify every index and pool file of the changed suites into `snap`; the
         manifest that describes it."""
         up = self.up
         pool: dict[str, verify.PoolFile] = {}
-        suite_meta: dict[str, Any] = {}
+        suite_meta: dict[str, SuiteRecord] = {}
         packages: dict[str, Any] = {}
         own_by_hash: list[str] = []
         for s in suites:
@@ -307,29 +300,29 @@ class _Sync:
                 f"(signed by {', '.join(s.release.signers)})"
             )
             paths = await self._suite_files(fetcher, s, snap, pool, packages, own_by_hash)
-            suite_meta[s.name] = {
-                **s.release.summary(),
-                "signed": {n: d.hashes["sha256"] for n, d in s.signed.items()},
-                "paths": paths,
-            }
+            suite_meta[s.name] = SuiteRecord.from_json(
+                {
+                    **s.release.summary(),
+                    "signed": {n: d.hashes["sha256"] for n, d in s.signed.items()},
+                    "paths": paths,
+                }
+            )
         await self._fetch_pool(fetcher, pool, _known_hashes(newest, current), snap)
         # Guarantee 2: a client that read the InRelease of any retained snapshot just before a
         # promotion (or a rollback) finds its by-hash indices in the new tree too.
         for path, record in _retained_by_hash(self.store, up.name, current_id, current).items():
             if path not in snap.files:
                 snap.files[path] = record
-        return {
-            "format": 1,
-            "upstream": up.name,
-            "url": up.url,
-            "created": _iso(datetime.now(UTC)),
-            "suites": suite_meta,
-            "files": snap.files,
-            "by_hash_own": sorted(own_by_hash),
-            "packages": packages,
-            "count": len(snap.files),
-            "bytes": sum(r["size"] for r in snap.files.values()),
-        }
+        return Manifest.build(
+            id=snap.tree.snap_id,
+            upstream=up.name,
+            url=up.url,
+            created=_iso(datetime.now(UTC)),
+            suites=suite_meta,
+            files=snap.files,
+            by_hash_own=sorted(own_by_hash),
+            packages=packages,
+        )
 
     # ------------------------------------------------------------ Release
 
@@ -337,14 +330,15 @@ class _Sync:
         self,
         fetcher: Fetcher,
         suite: str,
-        newest: dict[str, Any] | None,
-        previous: dict[str, Any] | None,
+        newest: Manifest | None,
+        previous: SuiteRecord | None,
         allow_change: bool,
         now: datetime,
     ) -> _Suite:
         """Fetch a suite's signed files and have the verifier judge them."""
         base = verify.suite_base(suite)
-        old_signed = ((newest or {}).get("suites", {}).get(suite) or {}).get("signed", {})
+        old_suite = newest.suites.get(suite) if newest is not None else None
+        old_signed = old_suite.signed if old_suite is not None else {}
         signed: dict[str, Download] = {}
         inrelease = await fetcher.fetch(base + "InRelease", limit=INRELEASE_LIMIT, light=True)
         if inrelease is not None:
@@ -376,7 +370,7 @@ class _Sync:
             upstream=self.up,
             suite=suite,
             now=now,
-            previous=verify.PreviousRelease.from_summary(previous) if previous else None,
+            previous=verify.PreviousRelease.from_suite(previous) if previous else None,
             allow_change=allow_change,
             already_verified=unchanged,
         )
@@ -390,21 +384,21 @@ class _Sync:
     def _reuse_suite(
         self,
         suite: str,
-        newest: dict[str, Any],
+        newest: Manifest,
         snap: _Snapshot,
-        suite_meta: dict[str, Any],
+        suite_meta: dict[str, SuiteRecord],
         packages: dict[str, Any],
         own_by_hash: list[str],
     ) -> None:
         """A suite whose signed files did not change keeps exactly its files of the newest snapshot."""
-        meta = newest["suites"][suite]
+        meta = newest.suites[suite]
         suite_meta[suite] = meta
-        for path in meta["paths"]:
-            snap.add(path, newest["files"][path])
-        if suite in newest.get("packages", {}):
-            packages[suite] = newest["packages"][suite]
+        for path in meta.paths:
+            snap.add(path, newest.files[path])
+        if suite in newest.packages:
+            packages[suite] = newest.packages[suite]
         base = verify.suite_base(suite)
-        own_by_hash.extend(p for p in newest.get("by_hash_own", []) if p.startswith(base))
+        own_by_hash.extend(p for p in newest.by_hash_own if p.startswith(base))
 
     # ------------------------------------------------------------ indices
 
@@ -425,7 +419,7 @@ class _Sync:
             # upstream: apt takes a 200 whose Last-Modified equals its copy's as unchanged, so two
             # downloads within one second must not both say "now".
             self.store.adopt(download.path, download.hashes["sha256"], mtime=release.date.timestamp())
-            snap.add(path, _record(download.size, {"sha256": download.hashes["sha256"]}))
+            snap.add(path, file_record(download.size, {"sha256": download.hashes["sha256"]}))
             paths.append(path)
         groups = verify.needed_indices(release, self.up)
         fetched = await _gather(self._index(fetcher, release, g) for g in groups)
@@ -433,12 +427,12 @@ class _Sync:
         for group, (present, entries) in zip(groups, fetched, strict=True):
             for expected, download in present:
                 self.store.adopt(download.path, expected.hashes["sha256"])
-                snap.add(expected.path, _record(expected.size, expected.hashes))
+                snap.add(expected.path, file_record(expected.size, expected.hashes))
                 paths.append(expected.path)
                 if release.by_hash:
                     for hashed_path in verify.by_hash_paths(expected):
                         verify.check_path(hashed_path, release.base + "Release")
-                        snap.add(hashed_path, _record(expected.size, expected.hashes))
+                        snap.add(hashed_path, file_record(expected.size, expected.hashes))
                         paths.append(hashed_path)
                         own_by_hash.append(hashed_path)
             if entries is not None:
@@ -495,7 +489,7 @@ class _Sync:
             exp = entry.expected
             sha = exp.hashes["sha256"]
             if self.store.object_size(sha) == exp.size and _agrees(known.get(sha), exp):
-                snap.add(exp.path, _record(exp.size, exp.hashes))
+                snap.add(exp.path, file_record(exp.size, exp.hashes))
             else:
                 missing.append(entry)
         # Objects on disk that no verified snapshot vouches for (a crash leftover, or listed with a
@@ -509,7 +503,7 @@ class _Sync:
             )
             for entry, hashes in zip(recheck, results, strict=True):
                 if hashes == entry.expected.hashes:
-                    snap.add(entry.expected.path, _record(entry.expected.size, entry.expected.hashes))
+                    snap.add(entry.expected.path, file_record(entry.expected.size, entry.expected.hashes))
                     missing.remove(entry)
         if missing:
             total = sum(e.expected.size for e in missing)
@@ -529,7 +523,7 @@ class _Sync:
             except Rejected:
                 download.discard()
                 raise
-            snap.add(exp.path, _record(exp.size, exp.hashes))
+            snap.add(exp.path, file_record(exp.size, exp.hashes))
             await asyncio.to_thread(snap.adopt, self.store, download.path, exp.hashes["sha256"], exp.path)
             self.progress.advance(self.up.name, files=1)
 
@@ -539,38 +533,28 @@ class _Sync:
 # ---------------------------------------------------------------- helpers
 
 
-def _by_hash_side_file(store: FileStore, name: str, snap_id: str) -> Path:
-    """meta/NAME/ID.byhash.json: a snapshot's own by-hash entries, so a sync reads kilobytes, not manifests."""
-    return store.meta_path(name, snap_id).with_suffix(".byhash.json")
-
-
-def _write_by_hash(store: FileStore, name: str, snap_id: str, entries: dict[str, Any]) -> None:
-    write_atomic(_by_hash_side_file(store, name, snap_id), json.dumps(entries, separators=(",", ":")).encode())
-
-
 def _retained_by_hash(
-    store: FileStore, name: str, current_id: str | None, current: dict[str, Any] | None
-) -> dict[str, dict[str, Any]]:
+    store: FileStore, name: str, current_id: str | None, current: Manifest | None
+) -> dict[str, FileRecord]:
     """path -> record of the own by-hash entries of every snapshot still stored (their objects are too)."""
-    found: dict[str, dict[str, Any]] = {}
+    found: dict[str, FileRecord] = {}
     for snap_id in store.snapshot_ids(name):
-        try:
-            entries = json.loads(_by_hash_side_file(store, name, snap_id).read_text())
-        except FileNotFoundError:
+        entries = store.read_by_hash(name, snap_id)
+        if entries is None:
             # Made before side files existed: only the current one is cheap (its manifest is loaded).
             entries = {}
             if snap_id == current_id and current is not None:
-                entries = {p: current["files"][p] for p in current.get("by_hash_own", []) if p in current["files"]}
+                entries = {p: current.files[p] for p in current.by_hash_own if p in current.files}
         found.update(entries)
     return found
 
 
-def _known_hashes(*manifests: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+def _known_hashes(*manifests: Manifest | None) -> dict[str, dict[str, Any]]:
     """sha256 -> every hash recorded for that content by verified snapshots."""
     known: dict[str, dict[str, Any]] = {}
     for manifest in manifests:
         if manifest:
-            for record in manifest["files"].values():
+            for record in manifest.files.values():
                 known.setdefault(record["sha256"], {}).update(record)
     return known
 

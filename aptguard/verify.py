@@ -23,6 +23,7 @@ from aptguard import clearsign, tagfile
 from aptguard.config import UpstreamConfig
 from aptguard.keyring import Keyring
 from aptguard.reasons import Rejected
+from aptguard.records import SuiteRecord
 
 # apt's own allowance for a Release Date ahead of the local clock (Acquire::Max-FutureTime).
 MAX_FUTURE = timedelta(seconds=10)
@@ -129,13 +130,9 @@ class PreviousRelease:
     codename: str
 
     @classmethod
-    def from_summary(cls, s: dict[str, object]) -> PreviousRelease:
-        return cls(
-            date=datetime.fromisoformat(str(s["date"])),
-            origin=str(s.get("origin", "")),
-            label=str(s.get("label", "")),
-            codename=str(s.get("codename", "")),
-        )
+    def from_suite(cls, s: SuiteRecord) -> PreviousRelease:
+        """What a snapshot's manifest recorded of the suite's Release."""
+        return cls(date=datetime.fromisoformat(s.date), origin=s.origin, label=s.label, codename=s.codename)
 
 
 # ---------------------------------------------------------------- signatures

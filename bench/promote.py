@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from aptguard import snapshot  # noqa: E402
+from aptguard.records import Manifest  # noqa: E402
 from aptguard.store import FileStore  # noqa: E402
 
 APTGUARD = ROOT / ".venv" / "bin" / "aptguard"
@@ -42,8 +43,18 @@ def build(store: FileStore, files: int) -> list[str]:
         tree = store.new_tree("bench", snap_id)
         for rel, record in records.items():
             tree.link(rel, record["sha256"])
-        manifest = {"format": 1, "id": snap_id, "created": snap_id, "suites": {}, "files": records}
-        tree.commit({**manifest, "count": files, "bytes": sum(r["size"] for r in records.values())})
+        tree.commit(
+            Manifest.build(
+                id=snap_id,
+                upstream="bench",
+                url="",
+                created=snap_id,
+                suites={},
+                files=records,
+                by_hash_own=[],
+                packages={},
+            )
+        )
         ids.append(snap_id)
     return ids
 

@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from aptguard.records import Manifest, UpstreamState  # noqa: E402
 from aptguard.store import FileStore  # noqa: E402
 
 SNAP = "20260101T000000Z"
@@ -80,17 +81,19 @@ def build(store: FileStore, files: int) -> int:
         "count": len(records),
         "bytes": sum(int(r["size"]) for r in records.values()),  # type: ignore[call-overload]
     }
-    tree.commit(manifest)
+    tree.commit(Manifest.from_json(manifest))
     store.set_current("bench", SNAP)
     at = "2026-01-01T00:00:00+00:00"
     store.write_state(
         "bench",
-        {
-            "last_sync": {"outcome": "promoted", "reason": None, "detail": "", "at": at, "snapshot": SNAP},
-            "last_success": at,
-            "outcomes": {"promoted:": 1},
-            "keys": [{"fingerprint": "0" * 40, "uid": "bench", "expires": "2036-01-01T00:00:00+00:00"}],
-        },
+        UpstreamState.from_json(
+            {
+                "last_sync": {"outcome": "promoted", "reason": None, "detail": "", "at": at, "snapshot": SNAP},
+                "last_success": at,
+                "outcomes": {"promoted:": 1},
+                "keys": [{"fingerprint": "0" * 40, "uid": "bench", "expires": "2036-01-01T00:00:00+00:00"}],
+            }
+        ),
     )
     return store.meta_path("bench", SNAP).stat().st_size
 

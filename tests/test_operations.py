@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from aptguard.store import FileStore
 from fixtures.apt import AptClient
 from fixtures.keys import SigningKey, make_key, write_keyring
 from fixtures.repo import Repo
@@ -311,8 +312,8 @@ def test_gc_keeps_exactly_what_retention_and_references_require_while_serving(ma
     def contents(*snaps: str) -> dict[str, int]:
         found = {}
         for snap in snaps:
-            manifest = json.loads((ops.mirror.data / "meta" / "up" / f"{snap}.json").read_text())
-            found.update({r["sha256"]: r["size"] for r in manifest["files"].values()})
+            manifest = FileStore(ops.mirror.data).read_manifest("up", snap)
+            found.update({r["sha256"]: r["size"] for r in manifest.files.values()})
         return found
 
     kept_files = contents(s1, s4, s5)

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from aptguard import serve, summary
 from aptguard.config import load_config
+from aptguard.records import Manifest
 from aptguard.store import FileStore
 from fixtures.keys import write_keyring
 from fixtures.repo import Repo
@@ -84,7 +85,7 @@ def test_operator_pages_parse_no_manifest_per_request(
         in_child: list[Path] = []
         read_manifest, compute_in_child = FileStore.read_manifest, summary._compute_in_child
 
-        def counting_read(self: FileStore, name: str, snap_id: str) -> dict[str, Any]:
+        def counting_read(self: FileStore, name: str, snap_id: str) -> Manifest:
             in_process.append((name, snap_id))
             return read_manifest(self, name, snap_id)
 

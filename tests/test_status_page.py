@@ -88,7 +88,8 @@ def page_mirror(tmp_path_factory: pytest.TempPathFactory, keys, deb_cache: Path)
     store = FileStore(mirror.data)
     store.set_pin("ci-good", "good", store.current("good"))
     state = store.read_state("broken")
-    store.write_state("broken", {**state, "hold": True})
+    state.hold = True
+    store.write_state("broken", state)
     mirror.start_server()
     nginx = Nginx(mirror, work / "nginx").start()
     yield mirror, nginx
