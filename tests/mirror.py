@@ -72,6 +72,7 @@ class Mirror:
         self.top: dict[str, Any] = {"data_dir": "data", **top}
         self.server: subprocess.Popen[bytes] | None = None
         self.port: int | None = None
+        self.env: dict[str, str] = {}  # more environment for the CLI (e.g. TMPDIR and HOME outside the data folder)
         self.write_config()
 
     @classmethod
@@ -131,6 +132,7 @@ class Mirror:
 
         env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
         env.pop("APTGUARD_CONFIG", None)
+        env.update(self.env)
         proc = subprocess.run(
             [sys.executable, "-m", "aptguard", "--config", str(self.config), *args],
             cwd=cwd or self.workdir,

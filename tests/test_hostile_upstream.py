@@ -53,8 +53,16 @@ class Neighbour:
 
 
 @pytest.fixture
-def hostile(request: pytest.FixtureRequest, repo: Callable[..., Repo], serve) -> tuple[Scene, Neighbour]:
+def hostile(
+    request: pytest.FixtureRequest, repo: Callable[..., Repo], serve, tmp_path: Path
+) -> tuple[Scene, Neighbour]:
     scene = request.getfixturevalue("make_scene")()
+    # Every aptguard command from here on gets a temp folder and a home of its own outside the
+    # data folder: assert_only_its_own_sync_fails checks that no attack made it write there.
+    outside = tmp_path / "outside"
+    scene.mirror.env = {k: str(outside / k.lower()) for k in ("TMPDIR", "HOME", "GNUPGHOME")}
+    for folder in scene.mirror.env.values():
+        Path(folder).mkdir(parents=True)
     r = repo("ok")
     r.add(SUITE, "main", "amd64", "calm", "1.0")
     r.publish(SUITE, [scene.key])
@@ -85,6 +93,8 @@ def assert_only_its_own_sync_fails(s: Scene, n: Neighbour, reason: str, *details
         assert part in last["detail"], (part, last["detail"])
     assert s.mirror.last_sync("ok")["outcome"] == "promoted", run.output
     s.assert_old_snapshot_served()
+    written = [p for folder in s.mirror.env.values() for p in Path(folder).rglob("*")]
+    assert written == [], f"written outside the data folder: {written}"
     return str(last["detail"])
 
 
@@ -371,14 +381,10 @@ def test_an_upstream_named_gc_does_not_lock_itself_out(tmp_path: Path, keys, rep
     assert run.returncode == 0 and mirror.last_sync("gc")["outcome"] == "promoted", run.output
 
 
-def test_nothing_is_written_outside_the_data_folder(hostile, tmp_path: Path, monkeypatch) -> None:
-    """gpg homes and signature files used to go to the system temp folder and leak on a kill."""
+def test_nothing_is_written_outside_the_data_folder_across_a_kill(hostile) -> None:
+    """gpg homes and signature files used to go to the system temp folder and leak on a kill.
+    (The hostile fixture points TMPDIR, HOME and GNUPGHOME of every aptguard command outside.)"""
     s, n = hostile
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    monkeypatch.setenv("TMPDIR", str(outside / "tmp"))
-    monkeypatch.setenv("HOME", str(outside / "home"))
-    monkeypatch.setenv("GNUPGHOME", str(outside / "gnupg"))
     s.new_release()
     s.publish()
     # A run that is killed mid-sync: the InRelease never finishes arriving.
@@ -386,6 +392,7 @@ def test_nothing_is_written_outside_the_data_folder(hostile, tmp_path: Path, mon
     proc = subprocess.Popen(
         [sys.executable, "-m", "aptguard", "--config", str(s.mirror.config), "sync", "up"],
         cwd=s.mirror.workdir,
+        env={**os.environ, **s.mirror.env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -402,7 +409,8 @@ def test_nothing_is_written_outside_the_data_folder(hostile, tmp_path: Path, mon
     run = s.mirror.sync()
     assert run.returncode == 0, run.output
     assert not any(e.name.startswith("sync+") for e in tmp.iterdir()), list(tmp.iterdir())
-    assert list(outside.iterdir()) == [], f"written outside the data folder: {list(outside.rglob('*'))}"
+    written = [p for folder in s.mirror.env.values() for p in Path(folder).rglob("*")]
+    assert written == [], f"written outside the data folder: {written}"
     client = s.client()
     assert client.update().ok and client.available("hello") == "2.0"
 
