@@ -511,7 +511,13 @@ def main() -> None:
     LOG = args.log
     tools = args.tools.split(",")
     if args.baseline:
-        tree = CACHE / f"baseline-{args.baseline}"
+        rev = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--verify", args.baseline + "^{commit}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        tree = CACHE / f"baseline-{rev}"  # by commit, not by name: HEAD moves
         if not (tree / "aptguard").is_dir():
             tree.mkdir(parents=True, exist_ok=True)
             archive = subprocess.run(
