@@ -521,7 +521,7 @@ def main() -> None:
         if not (tree / "aptguard").is_dir():
             tree.mkdir(parents=True, exist_ok=True)
             archive = subprocess.run(
-                ["git", "-C", str(ROOT), "archive", args.baseline, "aptguard"], capture_output=True, check=True
+                ["git", "-C", str(ROOT), "archive", rev, "aptguard"], capture_output=True, check=True
             )
             subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
         Baseline.tree = tree
