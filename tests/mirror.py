@@ -171,7 +171,14 @@ class Mirror:
         assert self.port is not None, "start_server() first"
         return f"http://127.0.0.1:{self.port}"
 
-    def start_server(self) -> str:
+    def start_server(self, soft_nofile: int | None = None) -> str:
+        """`aptguard serve` on a free port, once it answers; `soft_nofile`: its soft open-files limit."""
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+        def limit() -> None:
+            if soft_nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft_nofile, hard))
+
         self.port = free_port()
         self.server = subprocess.Popen(
             [
@@ -187,6 +194,7 @@ class Mirror:
             cwd=self.workdir,
             stdout=subprocess.DEVNULL,
             stderr=open(self.workdir / "serve.log", "ab"),  # noqa: SIM115 - the child owns it
+            preexec_fn=limit,
         )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:

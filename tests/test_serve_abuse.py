@@ -14,10 +14,7 @@ import json
 import resource
 import selectors
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -137,32 +134,6 @@ def test_operator_pages_parse_no_manifest_per_request(
 # -- slow clients --------------------------------------------------------------------------
 
 
-def start_server(mirror: Mirror, soft_nofile: int) -> subprocess.Popen[bytes]:
-    """`aptguard serve` as tests.mirror.Mirror.start_server runs it, with this soft open-files limit."""
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft_nofile, hard))
-
-    mirror.port = free_port()
-    mirror.server = subprocess.Popen(
-        [sys.executable, "-m", "aptguard", "--config", str(mirror.config), "serve", "--listen", mirror.url[7:]],
-        cwd=mirror.workdir,
-        stdout=subprocess.DEVNULL,
-        stderr=open(mirror.workdir / "serve.log", "ab"),  # noqa: SIM115 - the child owns it
-        preexec_fn=limit,
-    )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"{mirror.url}/status", timeout=1).read()
-            return mirror.server
-        except OSError:
-            assert mirror.server.poll() is None, (mirror.workdir / "serve.log").read_text(errors="replace")
-            time.sleep(0.05)
-    raise RuntimeError("aptguard serve did not answer within 20 s")
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, keys, deb_cache: Path) -> Iterator[tuple[Mirror, bytes]]:
     """A synced mirror served by `aptguard serve` started with a soft limit of 1,024 open files."""
@@ -172,7 +143,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, keys, deb_cache: Path) -> I
     if soft != resource.RLIM_INFINITY and soft < SLOW_CONNECTIONS + 200:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, SLOW_CONNECTIONS + 1000), hard))  # this process's own
     mirror, repo, upstream = synced_mirror(tmp_path_factory.mktemp("abuse"), keys("abuse"), deb_cache)
-    start_server(mirror, DEFAULT_SOFT_NOFILE)
+    mirror.start_server(soft_nofile=DEFAULT_SOFT_NOFILE)
     yield mirror, (repo.root / f"dists/{SUITE}/InRelease").read_bytes()
     mirror.stop_server()
     upstream.stop()
