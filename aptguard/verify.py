@@ -687,13 +687,6 @@ def _source_entries(stanza: bytes, where: str) -> Iterator[PoolFile]:
         yield PoolFile(Expected(path, size, hashes), package, version)
 
 
-def sources_entries(text: str | bytes, where: str) -> Iterator[PoolFile]:
-    """The files of a Sources index (dsc, orig and debian tarballs), every listed hash kept."""
-    data = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else text
-    for stanza in tagfile.stanzas(data):
-        yield from _source_entries(stanza, where)
-
-
 class _Stanzas:
     """Cuts a stream of index bytes into stanzas as they complete, so memory holds one stanza
     (up to STANZA_LIMIT), not the index."""
@@ -780,7 +773,9 @@ def read_index(
             continue  # its hashes were just checked: nothing more to learn from it
         where = expected.path
         stanzas = _Stanzas(where) if parse and digest is None else None
-        hashers = {a: hashlib.new(a) for a in algos}
+        # The uncompressed variant was hashed as it arrived and checked above: read again only to parse.
+        already = expected is group.plain
+        hashers = {} if already else {a: hashlib.new(a) for a in algos}
         total = 0
         n = 0
         try:
@@ -808,7 +803,7 @@ def read_index(
             for stanza in stanzas.finish():
                 n += 1
                 entries.extend(_entries(group.kind, stanza, n, where))
-        got = {a: h.hexdigest() for a, h in hashers.items()}
+        got = dict(expected.hashes) if already else {a: h.hexdigest() for a, h in hashers.items()}
         plain = group.plain
         if plain is not None and (total != plain.size or any(got[a] != h for a, h in plain.hashes.items())):
             raise Rejected(
