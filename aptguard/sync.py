@@ -525,7 +525,7 @@ class _Sync:
             if download is None:
                 raise Rejected(
                     "package-missing",
-                    f"{exp.path}: named by the index ({entry.package} {entry.version}) but absent upstream (HTTP 404)",
+                    f"{exp.path}: named by the index ({entry.package[:80]!r} {entry.version[:80]!r}) but absent upstream (HTTP 404)",
                 )
             try:
                 exp.check(download.size, download.hashes, "package-mismatch")

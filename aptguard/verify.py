@@ -411,10 +411,10 @@ def check_release(
     if "sha256" not in fields:
         raise Rejected("release-invalid", f"{where}: no SHA256 list (apt needs a strong hash)")
     if date > now + MAX_FUTURE:
-        raise Rejected("release-future", f"{where}: Date {fields['date']} lies in the future (now {rfc_date(now)})")
+        raise Rejected("release-future", f"{where}: Date {fields['date'][:80]!r} lies in the future (now {rfc_date(now)})")
     if valid_until is not None and valid_until < now:
         raise Rejected(
-            "release-expired", f"{where}: Valid-Until {fields['valid-until']} has passed (now {rfc_date(now)})"
+            "release-expired", f"{where}: Valid-Until {fields['valid-until'][:80]!r} has passed (now {rfc_date(now)})"
         )
     flat = suite.endswith("/")
     names = {fields.get("suite", ""), fields.get("codename", "")} - {""}
@@ -433,7 +433,7 @@ def check_release(
         for comp in upstream.components:
             if comp not in listed:
                 raise Rejected(
-                    "release-mismatch", f"{where}: component {comp!r} not in Components: {fields['components']}"
+                    "release-mismatch", f"{where}: component {comp!r} not in Components: {fields['components'][:200]!r}"
                 )
     if "architectures" in fields:
         listed = set(fields["architectures"].split())
@@ -441,7 +441,7 @@ def check_release(
             if arch not in listed:
                 raise Rejected(
                     "release-mismatch",
-                    f"{where}: architecture {arch!r} not in Architectures: {fields['architectures']}",
+                    f"{where}: architecture {arch!r} not in Architectures: {fields['architectures'][:200]!r}",
                 )
     base = suite_base(suite)
     files: dict[str, Expected] = {}
@@ -636,7 +636,7 @@ def _package_entry(stanza: bytes, n: int, where: str) -> PoolFile:
     package = _text(fields[b"package"])
     filename = _text(fields.get(b"filename", b""))
     if not filename:
-        raise Rejected("index-mismatch", f"{where}: entry {n} ({package}) has no Filename")
+        raise Rejected("index-mismatch", f"{where}: entry {n} ({package[:80]!r}) has no Filename")
     check_path(filename, where)
     size = tagfile.number(fields.get(b"size", b""))
     if size is None:
@@ -670,7 +670,7 @@ def _source_entries(stanza: bytes, where: str) -> Iterator[PoolFile]:
     package, version = _text(fields[b"package"]), _text(fields.get(b"version", b""))
     directory = _text(fields.get(b"directory", b""))
     if not directory:
-        raise Rejected("index-mismatch", f"{where}: source {package} has no Directory")
+        raise Rejected("index-mismatch", f"{where}: source {package[:80]!r} has no Directory")
     files: dict[str, tuple[int, dict[str, str]]] = {}
     for key, algo in _SRC_HASHES.items():
         for digest, size, name in _sums(

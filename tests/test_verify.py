@@ -249,3 +249,36 @@ def test_every_compressed_variant_must_say_what_the_others_say(tmp_path: Path, e
     with pytest.raises(Rejected) as err:
         verify.read_index(group, present, lambda e: open(paths[id(e)], "rb"), 1 << 20)
     assert err.value.reason == "index-mismatch" and ext in err.value.detail
+
+
+ESC = "\x1b]0;owned\x07\x1b[2J"  # a terminal title change and a screen clear
+
+
+@pytest.mark.parametrize(
+    ("release", "reason"),
+    [
+        (f"Suite: bookworm\nDate: Sun, 29 Nov 2026 10:00:00 UTC {ESC}\nSHA256:\n", "release-invalid"),
+        (f"Suite: bookworm\nComponents: {ESC}\nDate: Sun, 29 Nov 2026 10:00:00 UTC\nSHA256:\n", "release-mismatch"),
+        (f"Suite: bookworm\nArchitectures: {ESC}\nDate: Sun, 29 Nov 2026 10:00:00 UTC\nSHA256:\n", "release-mismatch"),
+        (f"Suite: {ESC}\nDate: Sun, 29 Nov 2026 10:00:00 UTC\nSHA256:\n", "release-mismatch"),
+    ],
+)
+def test_text_an_upstream_chose_reaches_the_operator_escaped(tmp_path: Path, release: str, reason: str) -> None:
+    """Details go to terminals, logs and the status page: control bytes from a Release never do."""
+    import datetime as dt
+
+    from aptguard.config import UpstreamConfig
+
+    up = UpstreamConfig("up", "http://u.example/", ("bookworm",), ("main",), ("amd64",), tmp_path / "k.asc")
+    now = dt.datetime(2026, 11, 30, tzinfo=dt.UTC)
+    with pytest.raises(Rejected) as err:
+        verify.check_release(release.encode(), ["F" * 40], up, "bookworm", now, "InRelease")
+    assert err.value.reason == reason, err.value.detail
+    assert "\x1b" not in err.value.detail and "\x07" not in err.value.detail, err.value.detail
+
+
+def test_a_package_name_an_upstream_chose_reaches_the_operator_escaped() -> None:
+    stanza = f"Package: a{ESC}\nVersion: 1\nSize: 3\nSHA256: {'a' * 64}\n".encode()
+    with pytest.raises(Rejected) as err:
+        list(verify.packages_entries(stanza, "Packages"))
+    assert "no Filename" in err.value.detail and "\x1b" not in err.value.detail, err.value.detail
