@@ -411,7 +411,9 @@ def check_release(
     if "sha256" not in fields:
         raise Rejected("release-invalid", f"{where}: no SHA256 list (apt needs a strong hash)")
     if date > now + MAX_FUTURE:
-        raise Rejected("release-future", f"{where}: Date {fields['date'][:80]!r} lies in the future (now {rfc_date(now)})")
+        raise Rejected(
+            "release-future", f"{where}: Date {fields['date'][:80]!r} lies in the future (now {rfc_date(now)})"
+        )
     if valid_until is not None and valid_until < now:
         raise Rejected(
             "release-expired", f"{where}: Valid-Until {fields['valid-until'][:80]!r} has passed (now {rfc_date(now)})"
