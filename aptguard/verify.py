@@ -15,6 +15,7 @@ import hashlib
 import lzma
 import re
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import BinaryIO
@@ -744,6 +745,10 @@ def compression(path: str) -> str:
     return next((ext for ext in COMPRESSIONS[1:] if name.endswith(ext)), "")
 
 
+# Cheapest to decompress first: the variant a sync parses; the others are only hashed, alongside.
+_DECOMPRESS_COST = {"": 0, ".gz": 1, ".lz4": 2, ".zst": 3, ".bz2": 4, ".lzma": 5, ".xz": 5}
+
+
 def read_index(
     group: IndexGroup,
     present: list[tuple[Expected, int, dict[str, str]]],
@@ -755,8 +760,10 @@ def read_index(
     `present`: (entry, size, hashes) of every variant that arrived. Each must match its Release
     entry; each is then decompressed incrementally, never past the uncompressed size the Release
     declares nor `max_bytes` (limits.max_index_bytes); all must decompress to the same bytes
-    (the uncompressed entry's, when listed); the first is parsed by apt's rules as it streams.
-    Runs in a worker thread: CPU-bound for large indices.
+    (the uncompressed entry's, when listed). The cheapest to decompress is parsed by apt's rules
+    as it streams, while the others are decompressed and hashed in threads of their own (the
+    decompressors and hashes run outside the GIL). Runs in a worker thread: CPU-bound for large
+    indices.
     """
     if not present:
         names = ", ".join(v.path.rsplit("/", 1)[-1] for v in group.variants)
@@ -766,55 +773,72 @@ def read_index(
     for expected, size, hashes in present:
         expected.check(size, hashes, "index-mismatch")
     parse = group.kind in ("Packages", "Sources")
-    limit = min(max_bytes, group.plain.size) if group.plain is not None else max_bytes
-    algos = sorted(set(group.plain.hashes if group.plain else ()) | {"sha256"})
-    entries: list[PoolFile] = []
-    digest: str | None = None
-    for expected, _, _ in present:
-        if expected is group.plain and not parse:
-            continue  # its hashes were just checked: nothing more to learn from it
-        where = expected.path
-        stanzas = _Stanzas(where) if parse and digest is None else None
-        # The uncompressed variant was hashed as it arrived and checked above: read again only to parse.
-        already = expected is group.plain
-        hashers = {} if already else {a: hashlib.new(a) for a in algos}
-        total = 0
-        n = 0
+    # The uncompressed variant's hashes were just checked: read it again only to parse it.
+    variants = [e for e, _, _ in present if e is not group.plain or parse]
+    variants.sort(key=lambda e: _DECOMPRESS_COST.get(compression(e.path), 9))
+    if not variants:
+        return None
+    first, others = variants[0], variants[1:]
+    if not others:
+        return _read_variant(group, first, open_file, max_bytes, parse)[0]
+    with ThreadPoolExecutor(max_workers=len(others), thread_name_prefix="aptguard-index") as pool:
+        futures = [pool.submit(_read_variant, group, e, open_file, max_bytes, False) for e in others]
         try:
-            with open_file(expected) as raw, _decompressed(compression(where), raw) as text:
-                while chunk := text.read(CHUNK):
-                    total += len(chunk)
-                    if total > limit:
-                        declared = (
-                            "the uncompressed size the Release declares"
-                            if limit < max_bytes
-                            else "limits.max_index_bytes"
-                        )
-                        raise Rejected("too-large", f"{where}: decompresses past {limit} bytes ({declared})")
-                    for h in hashers.values():
-                        h.update(chunk)
-                    if stanzas is not None:
-                        for stanza in stanzas.feed(chunk):
-                            n += 1
-                            entries.extend(_entries(group.kind, stanza, n, where))
-        except Rejected:
+            entries, digest = _read_variant(group, first, open_file, max_bytes, parse)
+        except BaseException:
+            for future in futures:
+                future.cancel()  # not started yet: no need to read them
             raise
-        except Exception as exc:  # every decompressor's own error types: a corrupt or truncated file
-            raise Rejected("index-mismatch", f"{where}: cannot be decompressed ({type(exc).__name__}: {exc})") from None
-        if stanzas is not None:
-            for stanza in stanzas.finish():
-                n += 1
-                entries.extend(_entries(group.kind, stanza, n, where))
-        got = dict(expected.hashes) if already else {a: h.hexdigest() for a, h in hashers.items()}
-        plain = group.plain
-        if plain is not None and (total != plain.size or any(got[a] != h for a, h in plain.hashes.items())):
-            raise Rejected(
-                "index-mismatch", f"{where}: decompresses to other content than the Release lists for {plain.path}"
-            )
-        if digest is not None and got["sha256"] != digest:
-            raise Rejected("index-mismatch", f"{where}: decompresses to other content than its siblings")
-        digest = got["sha256"]
-    return entries if parse else None
+        for expected, future in zip(others, futures, strict=True):
+            if future.result()[1] != digest:  # result() raises what was wrong with that variant
+                raise Rejected("index-mismatch", f"{expected.path}: decompresses to other content than its siblings")
+    return entries
+
+
+def _read_variant(
+    group: IndexGroup, expected: Expected, open_file: Callable[[Expected], BinaryIO], max_bytes: int, parse: bool
+) -> tuple[list[PoolFile] | None, str]:
+    """Decompress one variant within its limit and check it against the uncompressed entry;
+    (its pool files if asked to parse it, the SHA256 of its content)."""
+    plain = group.plain
+    limit = min(max_bytes, plain.size) if plain is not None else max_bytes
+    algos = sorted(set(plain.hashes if plain else ()) | {"sha256"})
+    where = expected.path
+    stanzas = _Stanzas(where) if parse else None
+    already = expected is plain
+    hashers = {} if already else {a: hashlib.new(a) for a in algos}
+    entries: list[PoolFile] = []
+    total = 0
+    n = 0
+    try:
+        with open_file(expected) as raw, _decompressed(compression(where), raw) as text:
+            while chunk := text.read(CHUNK):
+                total += len(chunk)
+                if total > limit:
+                    declared = (
+                        "the uncompressed size the Release declares" if limit < max_bytes else "limits.max_index_bytes"
+                    )
+                    raise Rejected("too-large", f"{where}: decompresses past {limit} bytes ({declared})")
+                for h in hashers.values():
+                    h.update(chunk)
+                if stanzas is not None:
+                    for stanza in stanzas.feed(chunk):
+                        n += 1
+                        entries.extend(_entries(group.kind, stanza, n, where))
+    except Rejected:
+        raise
+    except Exception as exc:  # every decompressor's own error types: a corrupt or truncated file
+        raise Rejected("index-mismatch", f"{where}: cannot be decompressed ({type(exc).__name__}: {exc})") from None
+    if stanzas is not None:
+        for stanza in stanzas.finish():
+            n += 1
+            entries.extend(_entries(group.kind, stanza, n, where))
+    got = dict(expected.hashes) if already else {a: h.hexdigest() for a, h in hashers.items()}
+    if plain is not None and (total != plain.size or any(got[a] != h for a, h in plain.hashes.items())):
+        raise Rejected(
+            "index-mismatch", f"{where}: decompresses to other content than the Release lists for {plain.path}"
+        )
+    return (entries if parse else None), got["sha256"]
 
 
 def _entries(kind: str, stanza: bytes, n: int, where: str) -> Iterable[PoolFile]:
