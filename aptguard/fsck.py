@@ -12,32 +12,24 @@ already collected) are not damage: nothing serves them, and the next sync or gc 
 from __future__ import annotations
 
 import hashlib
-import os
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from aptguard.gc import leftovers
 from aptguard.records import FileRecord
 from aptguard.snapshot import rollback_target
-from aptguard.store import FileStore
+from aptguard.store import FileStore, StoredFile
 
 HASH_NAMES = {"md5": "MD5Sum", "sha1": "SHA1", "sha256": "SHA256", "sha512": "SHA512"}
 
 
 @dataclass
 class _File:
-    """One inode and every (snapshot path, record) that vouches for it."""
+    """One stored file and every (snapshot path, record) that vouches for it."""
 
-    path: Path
+    stored: StoredFile
     algos: set[str] = field(default_factory=set)
     claims: list[tuple[str, FileRecord]] = field(default_factory=list)
-
-
-def _rel(store: FileStore, path: Path) -> str:
-    return path.relative_to(store.root).as_posix()
 
 
 def check(store: FileStore, names: list[str], *, log: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
@@ -47,74 +39,61 @@ def check(store: FileStore, names: list[str], *, log: Callable[[str], None] = la
     def damaged(path: str, problem: str) -> None:
         report["damaged"].append({"path": path, "problem": problem})
 
-    if not store.root.is_dir():
+    if not store.exists():
         return report
-    (store.root / "locks").mkdir(parents=True, exist_ok=True)
     # Shared, like a sync: a gc cannot delete a snapshot while it is being read.
     with store.collection_lock(exclusive=False, wait_message="fsck: waiting for a running gc to finish"):
-        inodes: dict[tuple[int, int], _File] = {}
+        stored: dict[tuple[int, int], _File] = {}
         for name in names:
-            _check_upstream(store, name, inodes, report, damaged)
-        log(f"fsck: re-hashing {len(inodes)} stored files")
-        for entry in inodes.values():
-            _check_content(entry, report, damaged)
+            _check_upstream(store, name, stored, report, damaged)
+        log(f"fsck: re-hashing {len(stored)} stored files")
+        for entry in stored.values():
+            _check_content(store, entry, damaged)
         _check_pointers(store, names, damaged)
-        report["leftovers"] = [_rel(store, p) for p in leftovers(store, names)]
+        report["leftovers"] = store.leftovers(names)
     return report
 
 
 def _check_upstream(
     store: FileStore,
     name: str,
-    inodes: dict[tuple[int, int], _File],
+    stored: dict[tuple[int, int], _File],
     report: dict[str, Any],
     damaged: Callable[[str, str], None],
 ) -> None:
-    folder = store.root / "snapshots" / name
-    trees = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
-    for snap_id in trees:
-        tree = store.snapshot_dir(name, snap_id)
-        meta = store.meta_path(name, snap_id)
+    for snap_id in store.tree_ids(name):
+        meta = store.manifest_label(name, snap_id)
+        if not store.has_manifest(name, snap_id):
+            damaged(store.file_label(name, snap_id), f"snapshot tree without its manifest {meta}")
+            continue
         try:
             files = store.read_manifest(name, snap_id).files
-        except FileNotFoundError:
-            damaged(_rel(store, tree), f"snapshot tree without its manifest {_rel(store, meta)}")
-            continue
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            damaged(_rel(store, meta), f"manifest unreadable: {exc}")
+            damaged(meta, f"manifest unreadable: {exc}")
             continue
         report["snapshots"] += 1
-        listed: set[str] = set()
         for rel, record in files.items():
-            path = tree / rel
-            listed.add(os.path.normpath(path))
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                damaged(_rel(store, path), "missing (listed in the manifest)")
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                damaged(_rel(store, path), "not a regular file")
+            label = store.file_label(name, snap_id, rel)
+            found = store.stored_file(name, snap_id, rel)
+            if isinstance(found, str):
+                damaged(label, found)
                 continue
             report["files"] += 1
-            report["bytes"] += st.st_size
-            if st.st_size != record["size"]:
-                damaged(_rel(store, path), f"size {st.st_size}, verified as {record['size']}")
+            report["bytes"] += found.size
+            if found.size != record["size"]:
+                damaged(label, f"size {found.size}, verified as {record['size']}")
                 continue
-            entry = inodes.setdefault((st.st_dev, st.st_ino), _File(path))
+            entry = stored.setdefault(found.key, _File(found))
             entry.algos.update(a for a in record if a in HASH_NAMES)
-            entry.claims.append((_rel(store, path), record))
-        for base, _dirs, names in os.walk(tree):
-            for file_name in names:
-                path = os.path.normpath(os.path.join(base, file_name))
-                if path not in listed:
-                    damaged(_rel(store, Path(path)), "not in the snapshot's manifest (added after verification)")
+            entry.claims.append((label, record))
+        for label, problem in store.unlisted(name, snap_id, files):
+            damaged(label, problem)
 
 
-def _check_content(entry: _File, report: dict[str, Any], damaged: Callable[[str, str], None]) -> None:
+def _check_content(store: FileStore, entry: _File, damaged: Callable[[str, str], None]) -> None:
     hashers = {a: hashlib.new(a) for a in sorted(entry.algos)}
     try:
-        with open(entry.path, "rb") as handle:
+        with store.open_stored(entry.stored) as handle:
             while chunk := handle.read(1 << 20):
                 for h in hashers.values():
                     h.update(chunk)
@@ -136,10 +115,10 @@ def _check_pointers(store: FileStore, names: list[str], damaged: Callable[[str, 
         ids = set(store.snapshot_ids(name))
         current = store.current(name)
         if current is not None and current not in ids:
-            damaged(f"current/{name}", f"points to snapshot {current}, which is not stored")
+            damaged(store.pointer_label("current", name), f"points to snapshot {current}, which is not stored")
         previous = rollback_target(store, name)
         if previous is not None and previous not in ids:
-            damaged(f"state/{name}.json", f"rollback target {previous} is not stored")
+            damaged(store.state_label(name), f"rollback target {previous} is not stored")
     for pin_name, (name, snap_id) in store.pins().items():
         if name in names and snap_id not in store.snapshot_ids(name):
-            damaged(f"pins/{pin_name}", f"points to snapshot {name}/{snap_id}, which is not stored")
+            damaged(store.pointer_label("pin", pin_name), f"points to snapshot {name}/{snap_id}, which is not stored")

@@ -9,7 +9,6 @@ runs this process saw. Request counters are per server process.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -89,14 +88,7 @@ class UpstreamCollector(Collector):
     def stored_bytes(self) -> int:
         now = time.monotonic()
         if self._stored is None or now - self._stored[0] > 60:
-            total = 0
-            for folder, _dirs, files in os.walk(self.store.objects):
-                for name in files:
-                    try:
-                        total += os.lstat(os.path.join(folder, name)).st_size
-                    except FileNotFoundError:
-                        pass  # collected by gc while we walked
-            self._stored = (now, total)
+            self._stored = (now, self.store.object_totals()[1])
         return self._stored[1]
 
     def snapshot_bytes(self, name: str, snap_id: str) -> int | None:

@@ -3,14 +3,17 @@
 nginx reads the snapshot trees directly (sendfile, no Python in the path) and proxies `/`,
 `/status` and `/metrics` to `aptguard serve`. It must see a promotion the instant the
 current/NAME symlink is swapped, so it resolves every path on every request: no
-open_file_cache. Symlinks are followed only for the pointer itself (current/NAME, pins/PIN);
-any symlink inside a snapshot tree is refused (`disable_symlinks on from=`), like the
-embedded server does.
+open_file_cache. The folders come from the store (FileStore.nginx_roots). A path is looked
+up in the snapshot's own tree, then in its pool generation (`.pool`), as the embedded server
+does; no symlink is followed but the pointer (current/NAME, pins/PIN) and `.pool`
+(`disable_symlinks on from=`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from aptguard.store import FileStore
 
 # @WORD@ placeholders: nginx's own syntax uses both $ and {}.
 MAIN = """\
@@ -80,23 +83,52 @@ SERVER = r"""    server {
             proxy_set_header Host $http_host;
         }
 
+        # A path is the snapshot's own tree's file, else its pool generation's (`.pool`): no
+        # symlink is followed below the pointer or `.pool` (`disable_symlinks on from=`).
         location ~ "^/snapshots/(?<ag_name>[A-Za-z0-9_+~:%@=,-][^/]*)/(?<ag_id>[A-Za-z0-9_+~:%@=,-][^/]*)/(?<ag_tail>[^/].*)$" {
-            alias @DATA@/snapshots/$ag_name/$ag_id/$ag_tail;
-            disable_symlinks on from=@DATA@/snapshots;
+            alias @SNAPSHOTS@/$ag_name/$ag_id/$ag_tail;
+            disable_symlinks on from=@SNAPSHOTS@;
+            error_page 403 404 = @ag_snapshot_pool;
+            if (-d $request_filename) {
+                return 404;
+            }
+        }
+        location @ag_snapshot_pool {
+            root @SNAPSHOTS@/$ag_name/$ag_id/.pool;
+            rewrite ^ /$ag_tail break;
+            disable_symlinks on from=@SNAPSHOTS@/$ag_name/$ag_id/.pool;
             if (-d $request_filename) {
                 return 404;
             }
         }
         location ~ "^/pins/(?<ag_pin>[A-Za-z0-9_+~:%@=,-][^/]*)/(?<ag_tail>[^/].*)$" {
-            alias @DATA@/pins/$ag_pin/$ag_tail;
-            disable_symlinks on from=@DATA@/pins/$ag_pin;
+            alias @PINS@/$ag_pin/$ag_tail;
+            disable_symlinks on from=@PINS@/$ag_pin;
+            error_page 403 404 = @ag_pin_pool;
+            if (-d $request_filename) {
+                return 404;
+            }
+        }
+        location @ag_pin_pool {
+            root @PINS@/$ag_pin/.pool;
+            rewrite ^ /$ag_tail break;
+            disable_symlinks on from=@PINS@/$ag_pin/.pool;
             if (-d $request_filename) {
                 return 404;
             }
         }
         location ~ "^/(?<ag_name>[A-Za-z0-9_+~:%@=,-][^/]*)/(?<ag_tail>[^/].*)$" {
-            alias @DATA@/current/$ag_name/$ag_tail;
-            disable_symlinks on from=@DATA@/current/$ag_name;
+            alias @CURRENT@/$ag_name/$ag_tail;
+            disable_symlinks on from=@CURRENT@/$ag_name;
+            error_page 403 404 = @ag_current_pool;
+            if (-d $request_filename) {
+                return 404;
+            }
+        }
+        location @ag_current_pool {
+            root @CURRENT@/$ag_name/.pool;
+            rewrite ^ /$ag_tail break;
+            disable_symlinks on from=@CURRENT@/$ag_name/.pool;
             if (-d $request_filename) {
                 return 404;
             }
@@ -118,11 +150,9 @@ def render(
     server_only: bool = False,
 ) -> str:
     """The nginx config for a data folder: a whole nginx.conf, or only its server block."""
-    server = (
-        SERVER.replace("@LISTEN@", listen)
-        .replace("@BACKEND@", backend)
-        .replace("@DATA@", str(Path(data_dir).resolve()))
-    )
+    server = SERVER.replace("@LISTEN@", listen).replace("@BACKEND@", backend)
+    for word, folder in FileStore(data_dir).nginx_roots().items():
+        server = server.replace(f"@{word.upper()}@", str(folder))
     if server_only:
         return server
     return (

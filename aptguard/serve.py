@@ -5,8 +5,8 @@
     /pins/PIN/...             the snapshot pinned as PIN
     /  /status  /metrics      for operators
 
-Every served path resolves to a regular file inside one snapshot tree of data/snapshots/,
-reached through no symlink but the current/NAME or pins/PIN pointer itself; anything else
+Every served path is a regular file of one snapshot, as the store resolves it
+(FileStore.served_file: no link followed but the snapshot's own); anything else
 is a 404 (apt falls back from InRelease to Release only on a 404). Files go out with
 sendfile (aiohttp's FileResponse: GET, HEAD, Range, ETag, Last-Modified, 304), never read
 into memory, and never swapped for a pre-compressed sibling: what upstream signed is what
@@ -30,14 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import resource
 import signal
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import hdrs, web
@@ -98,52 +96,27 @@ class Mirror:
     def __init__(self, config: Config, store: FileStore) -> None:
         self.config = config
         self.store = store
-        self.snapshots_root = os.path.realpath(store.root / "snapshots")
         # Operator pages are built here, off the event loop; not in the default executor, which
         # aiohttp's FileResponse uses to open files: a flood of /status must not queue files.
         self.pages = ThreadPoolExecutor(max_workers=2, thread_name_prefix="aptguard-pages")
 
-    def resolve(self, base: Path, tail: str) -> str | None:
-        """The real path of `tail` inside the snapshot tree `base` names, or None.
-
-        `base` may be a pointer (current/NAME, pins/PIN); it must land on a snapshot tree,
-        snapshots/NAME/ID, and nothing below it may be a symlink.
-        """
-        parts = _safe_parts(tail)
-        if parts is None:
-            return None
-        tree = os.path.realpath(base)
-        rel = os.path.relpath(tree, self.snapshots_root).split(os.sep)
-        if len(rel) != 2 or rel[0] in ("..", ".") or not all(_WORD.match(p) for p in rel):
-            return None
-        wanted = os.path.join(tree, *parts)
-        if os.path.realpath(wanted) != wanted or not os.path.isfile(wanted):
-            return None
-        return wanted
-
-    async def file(self, request: web.Request, base: Path, tail: str) -> web.StreamResponse:
-        path = None if _RAW_REFUSED.search(request.raw_path.partition("?")[0]) else self.resolve(base, tail)
+    async def file(self, request: web.Request, where: str, key: tuple[str, ...]) -> web.StreamResponse:
+        if not all(_WORD.match(k) for k in key) or _RAW_REFUSED.search(request.raw_path.partition("?")[0]):
+            return _not_found()
+        parts = _safe_parts(request.match_info["tail"])
+        path = None if parts is None else self.store.served_file(where, key, parts)
         if path is None:
             return _not_found()
         return SignedFile(path, chunk_size=256 * 1024)
 
     async def current(self, request: web.Request) -> web.StreamResponse:
-        name = request.match_info["name"]
-        if not _WORD.match(name):
-            return _not_found()
-        return await self.file(request, self.store.root / "current" / name, request.match_info["tail"])
+        return await self.file(request, "current", (request.match_info["name"],))
 
     async def snapshot(self, request: web.Request) -> web.StreamResponse:
-        name, snap_id = request.match_info["name"], request.match_info["id"]
-        if not _WORD.match(name) or not _WORD.match(snap_id):
-            return _not_found()
-        return await self.file(request, self.store.root / "snapshots" / name / snap_id, request.match_info["tail"])
+        return await self.file(request, "snapshot", (request.match_info["name"], request.match_info["id"]))
 
     async def pin(self, request: web.Request) -> web.StreamResponse:
-        pin = request.match_info["pin"]
-        if not _WORD.match(pin):
-            return _not_found()
-        return await self.file(request, self.store.root / "pins" / pin, request.match_info["tail"])
+        return await self.file(request, "pin", (request.match_info["pin"],))
 
     async def report(self, build: Callable[..., _T], *args: Any) -> _T:
         """Run `build` (which reads state files and snapshot summaries) in a worker thread, once
@@ -372,7 +345,7 @@ async def serve(config: Config, store: FileStore, host: str, port: int) -> None:
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    print(f"aptguard: serving {store.root} on http://{host}:{port}/ (at most {guard.limit} connections)", flush=True)
+    print(f"aptguard: serving {store} on http://{host}:{port}/ (at most {guard.limit} connections)", flush=True)
     try:
         await stop.wait()
     finally:

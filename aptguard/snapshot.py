@@ -11,7 +11,7 @@ from typing import Any
 from aptguard.config import NAME_RE
 from aptguard.reasons import UsageError
 from aptguard.records import UpstreamState
-from aptguard.store import FileStore
+from aptguard.store import FileStore, PointerMoved
 
 
 def summary(
@@ -68,12 +68,15 @@ def switch_current(store: FileStore, name: str, state: UpstreamState, new: str, 
     state.hold = hold
     store.write_state(name, state)
     if old != new:
-        store.set_current(name, new)
+        try:
+            store.set_current(name, new, expect=old)
+        except PointerMoved as exc:
+            raise Refused(str(exc)) from None
 
 
 def promote(store: FileStore, name: str, snap_id: str) -> str | None:
     """Make a verified snapshot current and clear a hold; returns the snapshot it replaced."""
-    with store.lock(name, wait_message=f"{name}: waiting for another aptguard process to finish"):
+    with store.lease(name, wait_message=f"{name}: waiting for another aptguard process to finish"):
         require_snapshot(store, name, snap_id)
         old = store.current(name)
         switch_current(store, name, store.read_state(name), snap_id, old, hold=False)
@@ -91,7 +94,7 @@ def rollback(store: FileStore, name: str, to: str | None = None) -> tuple[str | 
     becomes the new rollback target, so a second rollback undoes the first (like `cd -`), and
     gc keeps it for inspection (`aptguard diff`). Returns (replaced, now current).
     """
-    with store.lock(name, wait_message=f"{name}: waiting for another aptguard process to finish"):
+    with store.lease(name, wait_message=f"{name}: waiting for another aptguard process to finish"):
         state = store.read_state(name)
         old = store.current(name)
         target = to or rollback_target(store, name, state)
@@ -119,10 +122,13 @@ def pin(store: FileStore, pin_name: str, name: str, snap_id: str) -> tuple[str, 
     """Point /pins/PIN/ at one snapshot (moving it if it exists); returns its old target."""
     check_pin_name(pin_name)
     # Under the upstream's lock, so that a gc deciding what to keep sees the pin or the snapshot is gone.
-    with store.lock(name, wait_message=f"{name}: waiting for another aptguard process to finish"):
+    with store.lease(name, wait_message=f"{name}: waiting for another aptguard process to finish"):
         require_snapshot(store, name, snap_id)
         old = store.pin_target(pin_name)
-        store.set_pin(pin_name, name, snap_id)
+        try:
+            store.set_pin(pin_name, name, snap_id, expect=old)
+        except PointerMoved as exc:
+            raise Refused(str(exc)) from None
         return old
 
 
@@ -130,7 +136,11 @@ def unpin(store: FileStore, pin_name: str) -> tuple[str, str]:
     """Remove a pin; its snapshot becomes collectable by retention. Returns its old target."""
     check_pin_name(pin_name)
     target = store.pin_target(pin_name)
-    if target is None or not store.remove_pin(pin_name):
+    if target is None:
         known = ", ".join(store.pins()) or "none"
         raise UsageError(f"no pin named {pin_name!r} (pins: {known})")
+    try:
+        store.remove_pin(pin_name, expect=target)
+    except PointerMoved as exc:
+        raise Refused(str(exc)) from None
     return target

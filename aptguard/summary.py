@@ -22,12 +22,10 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aptguard.records import Manifest
-
-if TYPE_CHECKING:
-    from aptguard.store import FileStore
+from aptguard.store import FileStore
 
 # Summaries are a few hundred bytes; this bounds a server that runs for years of promotions.
 _LIMIT = 4096
@@ -72,9 +70,8 @@ def load(store: FileStore, name: str, snap_id: str) -> dict[str, Any]:
 
     Raises FileNotFoundError when the snapshot has no manifest: that is checked every time (one
     stat), since a manifest gone from under a served snapshot is damage `status` must report."""
-    meta = store.meta_path(name, snap_id)
-    if not meta.is_file():
-        raise FileNotFoundError(f"{meta}: no manifest")
+    if not store.has_manifest(name, snap_id):
+        raise FileNotFoundError(f"{store.manifest_label(name, snap_id)}: no manifest")
     found = known(store, name, snap_id)
     if found is None:
         found = of_manifest(store.read_manifest(name, snap_id))
@@ -90,11 +87,11 @@ async def prepare(store: FileStore, wanted: Iterable[tuple[str, str]]) -> None:
     parses in process and raises what is wrong with the manifest."""
     for name, snap_id in wanted:
         key = _key(store, name, snap_id)
-        if known(store, name, snap_id) is not None or not store.meta_path(name, snap_id).is_file():
+        if known(store, name, snap_id) is not None or not store.has_manifest(name, snap_id):
             continue
         task = _pending.get(key)
         if task is None:
-            task = asyncio.ensure_future(_compute_in_child(key, store.meta_path(name, snap_id)))
+            task = asyncio.ensure_future(_compute_in_child(key))
             _pending[key] = task
             task.add_done_callback(lambda done, key=key: _settled(key, done))
         try:
@@ -109,12 +106,13 @@ def _settled(key: tuple[str, str, str], task: asyncio.Task[None]) -> None:
         task.exception()  # retrieved here too: every waiter may have gone (clients hung up)
 
 
-async def _compute_in_child(key: tuple[str, str, str], manifest: Path) -> None:
+async def _compute_in_child(key: tuple[str, str, str]) -> None:
+    """key: (data folder, upstream, snapshot id)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "aptguard.summary",
-        str(manifest),
+        *key,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -132,11 +130,11 @@ async def _compute_in_child(key: tuple[str, str, str], manifest: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """`python -m aptguard.summary MANIFEST`: print the summary of one manifest as JSON."""
-    if len(argv) != 1:
-        print("usage: python -m aptguard.summary MANIFEST", file=sys.stderr)
+    """`python -m aptguard.summary DATA_DIR NAME ID`: print the summary of one snapshot as JSON."""
+    if len(argv) != 3:
+        print("usage: python -m aptguard.summary DATA_DIR NAME ID", file=sys.stderr)
         return 2
-    print(json.dumps(of_manifest(Manifest.from_json(json.loads(Path(argv[0]).read_bytes()), source=argv[0]))))
+    print(json.dumps(of_manifest(FileStore(Path(argv[0])).read_manifest(argv[1], argv[2]))))
     return 0
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import os
 import shutil
 import time
 import traceback
@@ -22,13 +21,14 @@ from typing import Any
 
 from aptguard import verify
 from aptguard.config import Limits, UpstreamConfig
+from aptguard.diff import compare, count_lines
 from aptguard.fetch import Download, Fetcher
 from aptguard.keyring import Keyring
 from aptguard.progress import Progress
 from aptguard.reasons import Rejected
-from aptguard.records import FileRecord, LastSync, Manifest, SuiteRecord, TrustedKey, file_record
+from aptguard.records import FileRecord, LastSync, Manifest, SuiteRecord, TrustedKey, UpstreamState, file_record
 from aptguard.snapshot import switch_current
-from aptguard.store import FileStore, Tree, new_snapshot_id, storage_error
+from aptguard.store import FileStore, SnapshotBuilder, new_snapshot_id, storage_error
 
 INRELEASE_LIMIT = 10_000_000  # apt's own cap on InRelease
 SIGNATURE_LIMIT = 1_000_000  # a Release.gpg: Debian's, three signatures, is under 3 KB
@@ -61,30 +61,45 @@ class _Suite:
     unchanged: bool
 
 
-class _Snapshot:
-    """The snapshot being assembled: path -> verified record (conflicts refused), and its tree,
-    built in tmp/ as files arrive so the linking overlaps the downloads."""
+class _Files:
+    """path -> verified record of the snapshot being assembled, and which are pool files; a path
+    named twice with different content is refused."""
 
-    def __init__(self, tree: Tree) -> None:
-        self.tree = tree
-        self.files: dict[str, FileRecord] = {}
-        self.linked: set[str] = set()
+    def __init__(self) -> None:
+        self.records: dict[str, FileRecord] = {}
+        self.pool: dict[str, bool | None] = {}
+        self.by_hash: set[str] = set()  # by-hash paths the snapshot's own Releases list
 
-    def adopt(self, store: FileStore, tmp_file: Path, sha256: str, path: str) -> None:
-        """Store a verified download and link it into the tree (runs in a worker thread: both
-        wait on the filesystem journal)."""
-        store.adopt(tmp_file, sha256)
-        self.tree.link(path, sha256)
-        self.linked.add(path)
-
-    def add(self, path: str, record: FileRecord) -> None:
-        old = self.files.get(path)
+    def add(self, path: str, record: FileRecord, *, pool: bool | None = False) -> None:
+        old = self.records.get(path)
         if old is not None and old["sha256"] != record["sha256"]:
             raise Rejected(
                 "package-mismatch",
                 f"{path}: named twice with different content (SHA256 {old['sha256']} and {record['sha256']})",
             )
-        self.files[path] = record
+        self.records[path] = record
+        self.pool[path] = pool
+
+
+@dataclass
+class _Plan:
+    """What is stored for the upstream when its sync starts."""
+
+    state: UpstreamState
+    current_id: str | None
+    current: Manifest | None
+    newest: Manifest | None
+
+
+def _plan(store: FileStore, name: str) -> _Plan:
+    ids = store.snapshot_ids(name)
+    current_id = store.current(name)
+    newest = store.read_manifest(name, ids[-1]) if ids else None
+    if current_id is None or newest is None or current_id != newest.id:
+        current = store.read_manifest(name, current_id) if current_id else None
+    else:
+        current = newest  # usually the same snapshot: read its manifest once
+    return _Plan(store.read_state(name), current_id, current, newest)
 
 
 async def sync_upstream(
@@ -107,13 +122,13 @@ async def sync_upstream(
     limits = limits or Limits()
     with (
         store.collection_lock(exclusive=False, wait_message=f"{up.name}: waiting for a running gc to finish"),
-        store.lock(up.name, wait_message=f"{up.name}: waiting for another aptguard process to finish"),
+        store.lease(up.name, wait_message=f"{up.name}: waiting for another aptguard process to finish"),
     ):
-        work = store.tmp / f"sync+{up.name}+{os.getpid()}"
-        _discard_leftovers(store, up.name)
+        store.discard_leftovers(up.name)
         at = datetime.now(UTC)
+        work: Path | None = None
         try:
-            work.mkdir(parents=True)
+            work = store.work_dir(up.name)
             with Keyring(up.keyring, work / "gnupg") as keyring:
                 # One deadline for the whole sync and for every request (a request read in a worker
                 # thread is not cancelled with the coroutine: the fetcher must end it itself).
@@ -135,7 +150,8 @@ async def sync_upstream(
         except Exception as exc:  # a bug: this upstream is rejected, the others still sync
             result = internal_error(store, up, exc)
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
         result.stats["seconds"] = round(time.monotonic() - started, 3)
         _record_outcome(store, up, result, at)
         return result
@@ -149,15 +165,6 @@ def internal_error(store: FileStore, up: UpstreamConfig, exc: Exception) -> Sync
     except OSError:
         where = ""
     return SyncResult(up.name, "rejected", "internal-error", f"{type(exc).__name__}: {str(exc)[:200]}{where}")
-
-
-def _discard_leftovers(store: FileStore, name: str) -> None:
-    """Under the lock, any tmp work of this upstream is from a process that died: remove it."""
-    if not store.tmp.is_dir():
-        return
-    for entry in store.tmp.iterdir():
-        if entry.name.startswith((f"sync+{name}+", f"build+{name}+")):
-            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _record_outcome(store: FileStore, up: UpstreamConfig, result: SyncResult, at: datetime) -> None:
@@ -187,6 +194,10 @@ def _record_outcome(store: FileStore, up: UpstreamConfig, result: SyncResult, at
 
 
 class _Sync:
+    """One sync's context (upstream, store, keyring, fetcher settings); its steps are the methods
+    below, each returning what the next one takes: plan -> releases -> suite files -> pool ->
+    build -> commit -> promote."""
+
     def __init__(
         self,
         up: UpstreamConfig,
@@ -212,14 +223,7 @@ class _Sync:
 
     async def run(self, *, promote: bool, allow_release_change: bool) -> SyncResult:
         up, store = self.up, self.store
-        state = store.read_state(up.name)
-        current_id = store.current(up.name)
-        ids = store.snapshot_ids(up.name)
-        newest = store.read_manifest(up.name, ids[-1]) if ids else None
-        if current_id is None or newest is None or current_id != newest.id:
-            current = store.read_manifest(up.name, current_id) if current_id else None
-        else:
-            current = newest  # usually the same snapshot: read its manifest once
+        plan = _plan(store, up.name)
         keys = [
             TrustedKey(fingerprint=k.fingerprint, uid=k.uid, expires=_iso(k.expires) if k.expires else None)
             for k in self.keyring.keys
@@ -238,91 +242,82 @@ class _Sync:
             min_rate=self.limits.min_rate,
             deadline=self.deadline,
         ) as fetcher:
-            previous = current.suites if current is not None else {}
+            previous = plan.current.suites if plan.current is not None else {}
             suites = await _gather(
-                self._release(fetcher, s, newest, previous.get(s), allow_release_change, now) for s in up.suites
+                self._release(fetcher, s, plan.newest, previous.get(s), allow_release_change, now) for s in up.suites
             )
-            if newest is not None and all(s.unchanged for s in suites):
-                self.log(f"{up.name}: unchanged (signed Release identical to snapshot {newest.id})")
+            if plan.newest is not None and all(s.unchanged for s in suites):
+                self.log(f"{up.name}: unchanged (signed Release identical to snapshot {plan.newest.id})")
                 return SyncResult(
-                    up.name, "unchanged", snapshot=newest.id, stats={"keys": keys, "requests": fetcher.requests}
+                    up.name, "unchanged", snapshot=plan.newest.id, stats={"keys": keys, "requests": fetcher.requests}
                 )
+            files, suite_meta, packages, pool = await self._suites(fetcher, suites, plan.newest)
             snap_id = new_snapshot_id(set(store.snapshot_ids(up.name)))
-            snap = _Snapshot(store.new_tree(up.name, snap_id))
+            builder = store.new_snapshot(up.name, snap_id, plan.newest)
             try:
-                manifest = await self._assemble(fetcher, suites, snap, newest, current_id, current)
+                await self._pool(fetcher, pool, _known_hashes(plan.newest, plan.current), files, builder)
                 requests = fetcher.requests
-                await asyncio.to_thread(_link_all, snap)
-                store.write_by_hash(up.name, snap_id, {p: snap.files[p] for p in manifest.by_hash_own})
-                snap.tree.commit(manifest)
+                manifest, own_by_hash = self._build(snap_id, files, suite_meta, packages, plan)
+                written = await asyncio.to_thread(self._commit, builder, manifest, files, own_by_hash)
             except BaseException:
-                snap.tree.abort()
+                await asyncio.to_thread(builder.abort)
                 raise
+        old_packages = plan.current.packages if plan.current is not None else {}
         stats = {
             "keys": keys,
             "files": manifest.count,
             "bytes": manifest.bytes,
             "downloaded": self.downloaded,
             "requests": requests,
+            "written": written,
+            # Against the current snapshot (what a promotion replaced, or what stays served).
+            "changes": count_lines({"suites": compare(old_packages, manifest.packages)}),
         }
-        held = state.held
-        if promote and not held:
-            switch_current(store, up.name, store.read_state(up.name), snap_id, current_id, hold=False)
+        if promote and not plan.state.held:
+            switch_current(store, up.name, store.read_state(up.name), snap_id, plan.current_id, hold=False)
             self.log(f"{up.name}: promoted snapshot {snap_id} ({manifest.count} files)")
-            return SyncResult(up.name, "promoted", snapshot=snap_id, previous=current_id, stats=stats)
-        why = "on hold (rollback): `aptguard promote` to serve it" if held else "--no-promote"
+            return SyncResult(up.name, "promoted", snapshot=snap_id, previous=plan.current_id, stats=stats)
+        why = "on hold (rollback): `aptguard promote` to serve it" if plan.state.held else "--no-promote"
         self.log(f"{up.name}: stored snapshot {snap_id}, not promoted: {why}")
         return SyncResult(up.name, "stored", detail=why, snapshot=snap_id, stats=stats)
 
-    async def _assemble(
+    # ------------------------------------------------------------ build and commit
+
+    def _build(
         self,
-        fetcher: Fetcher,
-        suites: list[_Suite],
-        snap: _Snapshot,
-        newest: Manifest | None,
-        current_id: str | None,
-        current: Manifest | None,
-    ) -> Manifest:
-        """Fetch and verify every index and pool file of the changed suites into `snap`; the
-        manifest that describes it."""
-        up = self.up
-        pool: dict[str, verify.PoolFile] = {}
-        suite_meta: dict[str, SuiteRecord] = {}
-        packages: dict[str, Any] = {}
-        own_by_hash: list[str] = []
-        for s in suites:
-            if s.unchanged:
-                assert newest is not None
-                self._reuse_suite(s.name, newest, snap, suite_meta, packages, own_by_hash)
-                continue
-            self.log(
-                f"{up.name}: {s.name}: Release of {verify.rfc_date(s.release.date)} verified "
-                f"(signed by {', '.join(s.release.signers)})"
-            )
-            paths = await self._suite_files(fetcher, s, snap, pool, packages, own_by_hash)
-            suite_meta[s.name] = SuiteRecord.from_json(
-                {
-                    **s.release.summary(),
-                    "signed": {n: d.hashes["sha256"] for n, d in s.signed.items()},
-                    "paths": paths,
-                }
-            )
-        await self._fetch_pool(fetcher, pool, _known_hashes(newest, current), snap)
+        snap_id: str,
+        files: _Files,
+        suite_meta: dict[str, SuiteRecord],
+        packages: dict[str, Any],
+        plan: _Plan,
+    ) -> tuple[Manifest, dict[str, FileRecord]]:
+        """The manifest of the new snapshot, and its own by-hash entries."""
+        own_by_hash = {p: files.records[p] for p in sorted(files.by_hash)}
         # Guarantee 2: a client that read the InRelease of any retained snapshot just before a
         # promotion (or a rollback) finds its by-hash indices in the new tree too.
-        for path, record in _retained_by_hash(self.store, up.name, current_id, current).items():
-            if path not in snap.files:
-                snap.files[path] = record
-        return Manifest.build(
-            id=snap.tree.snap_id,
-            upstream=up.name,
-            url=up.url,
+        for path, record in _retained_by_hash(self.store, self.up.name, plan.current_id, plan.current).items():
+            if path not in files.records:
+                files.add(path, record)
+        manifest = Manifest.build(
+            id=snap_id,
+            upstream=self.up.name,
+            url=self.up.url,
             created=_iso(datetime.now(UTC)),
             suites=suite_meta,
-            files=snap.files,
+            files=files.records,
             by_hash_own=sorted(own_by_hash),
             packages=packages,
         )
+        return manifest, own_by_hash
+
+    def _commit(
+        self, builder: SnapshotBuilder, manifest: Manifest, files: _Files, own_by_hash: dict[str, FileRecord]
+    ) -> int:
+        """Make the snapshot in the store (runs in a worker thread); the filesystem entries it took."""
+        for path, record in files.records.items():
+            builder.add(path, record["sha256"], pool=files.pool[path])
+        builder.commit(manifest, own_by_hash)
+        return builder.written
 
     # ------------------------------------------------------------ Release
 
@@ -381,36 +376,47 @@ class _Sync:
                 signed.pop(name).discard()
         return _Suite(suite, signed, verdict.release, unchanged)
 
-    def _reuse_suite(
-        self,
-        suite: str,
-        newest: Manifest,
-        snap: _Snapshot,
-        suite_meta: dict[str, SuiteRecord],
-        packages: dict[str, Any],
-        own_by_hash: list[str],
-    ) -> None:
-        """A suite whose signed files did not change keeps exactly its files of the newest snapshot."""
-        meta = newest.suites[suite]
-        suite_meta[suite] = meta
-        for path in meta.paths:
-            snap.add(path, newest.files[path])
-        if suite in newest.packages:
-            packages[suite] = newest.packages[suite]
-        base = verify.suite_base(suite)
-        own_by_hash.extend(p for p in newest.by_hash_own if p.startswith(base))
-
     # ------------------------------------------------------------ indices
 
+    async def _suites(
+        self, fetcher: Fetcher, suites: list[_Suite], newest: Manifest | None
+    ) -> tuple[_Files, dict[str, SuiteRecord], dict[str, Any], dict[str, verify.PoolFile]]:
+        """Every suite's files: reused from the newest snapshot when its Release did not change,
+        else fetched and verified. (files, suite records, package listings, pool files to get)."""
+        files = _Files()
+        suite_meta: dict[str, SuiteRecord] = {}
+        packages: dict[str, Any] = {}
+        pool: dict[str, verify.PoolFile] = {}
+        for s in suites:
+            if s.unchanged:
+                assert newest is not None
+                suite_meta[s.name] = meta = newest.suites[s.name]
+                for path in meta.paths:
+                    files.add(path, newest.files[path], pool=None)  # as the newest snapshot holds it
+                if s.name in newest.packages:
+                    packages[s.name] = newest.packages[s.name]
+                base = verify.suite_base(s.name)
+                files.by_hash.update(p for p in newest.by_hash_own if p.startswith(base))
+                continue
+            self.log(
+                f"{self.up.name}: {s.name}: Release of {verify.rfc_date(s.release.date)} verified "
+                f"(signed by {', '.join(s.release.signers)})"
+            )
+            paths, packages[s.name] = await self._suite_files(fetcher, s, files, pool)
+            suite_meta[s.name] = SuiteRecord.from_json(
+                {
+                    **s.release.summary(),
+                    "signed": {n: d.hashes["sha256"] for n, d in s.signed.items()},
+                    "paths": paths,
+                }
+            )
+        return files, suite_meta, packages, pool
+
     async def _suite_files(
-        self,
-        fetcher: Fetcher,
-        s: _Suite,
-        snap: _Snapshot,
-        pool: dict[str, verify.PoolFile],
-        packages: dict[str, Any],
-        own_by_hash: list[str],
-    ) -> list[str]:
+        self, fetcher: Fetcher, s: _Suite, files: _Files, pool: dict[str, verify.PoolFile]
+    ) -> tuple[list[str], dict[str, dict[str, str]]]:
+        """Store a changed suite's signed files and indices, and read its pool files into `pool`;
+        (the suite's paths, its package listing)."""
         release = s.release
         paths: list[str] = []
         for name, download in s.signed.items():
@@ -419,31 +425,30 @@ class _Sync:
             # upstream: apt takes a 200 whose Last-Modified equals its copy's as unchanged, so two
             # downloads within one second must not both say "now".
             self.store.adopt(download.path, download.hashes["sha256"], mtime=release.date.timestamp())
-            snap.add(path, file_record(download.size, {"sha256": download.hashes["sha256"]}))
+            files.add(path, file_record(download.size, {"sha256": download.hashes["sha256"]}))
             paths.append(path)
         groups = verify.needed_indices(release, self.up)
         fetched = await _gather(self._index(fetcher, release, g) for g in groups)
-        suite_packages: dict[str, dict[str, str]] = {}
+        listing: dict[str, dict[str, str]] = {}
         for group, (present, entries) in zip(groups, fetched, strict=True):
             for expected, download in present:
                 self.store.adopt(download.path, expected.hashes["sha256"])
-                snap.add(expected.path, file_record(expected.size, expected.hashes))
+                files.add(expected.path, file_record(expected.size, expected.hashes))
                 paths.append(expected.path)
                 if release.by_hash:
                     for hashed_path in verify.by_hash_paths(expected):
                         verify.check_path(hashed_path, release.base + "Release")
-                        snap.add(hashed_path, file_record(expected.size, expected.hashes))
+                        files.add(hashed_path, file_record(expected.size, expected.hashes))
+                        files.by_hash.add(hashed_path)
                         paths.append(hashed_path)
-                        own_by_hash.append(hashed_path)
             if entries is not None:
                 verify.merge_pool(entries, pool)
+                paths.extend(e.expected.path for e in entries)
                 if group.kind == "Packages":
-                    listing = suite_packages.setdefault(group.label, {})
+                    versions = listing.setdefault(group.label, {})
                     for entry in entries:
-                        listing[entry.package] = entry.version
-        packages[s.name] = suite_packages
-        paths.extend(e.expected.path for g in fetched if g[1] is not None for e in g[1])
-        return sorted(set(paths))
+                        versions[entry.package] = entry.version
+        return sorted(set(paths)), listing
 
     async def _index(
         self, fetcher: Fetcher, release: verify.TrustedRelease, group: verify.IndexGroup
@@ -476,42 +481,41 @@ class _Sync:
 
     # ------------------------------------------------------------ pool
 
-    async def _fetch_pool(
+    async def _pool(
         self,
         fetcher: Fetcher,
         pool: dict[str, verify.PoolFile],
         known: dict[str, dict[str, Any]],
-        snap: _Snapshot,
+        files: _Files,
+        builder: SnapshotBuilder,
     ) -> None:
+        """Every pool file into the store, `files` and the snapshot: reused when a verified
+        snapshot vouches for its content, re-hashed when only stored, fetched and checked
+        otherwise."""
+
         def classify() -> tuple[list[verify.PoolFile], list[verify.PoolFile]]:
-            """Reuse what is stored and vouched for; (to fetch, stored but to re-hash). One stat per
-            file, in a worker thread: 60,000 of them would hold the event loop for a second."""
+            """(to fetch, stored but to re-hash). Content a stored snapshot vouches for is in the
+            store (gc cannot run during a sync): no stat. Runs in a worker thread."""
             missing: list[verify.PoolFile] = []
             recheck: list[verify.PoolFile] = []
             for entry in pool.values():
                 exp = entry.expected
-                sha = exp.hashes["sha256"]
-                size = self.store.object_size(sha)
-                if size != exp.size:
-                    missing.append(entry)
-                elif _agrees(known.get(sha), exp):
-                    snap.add(exp.path, file_record(exp.size, exp.hashes))
-                else:
+                if _agrees(known.get(exp.hashes["sha256"]), exp):
+                    files.add(exp.path, file_record(exp.size, exp.hashes), pool=True)
+                elif self.store.object_size(exp.hashes["sha256"]) == exp.size:
                     recheck.append(entry)
+                else:
+                    missing.append(entry)
             return missing, recheck
 
         missing, recheck = await asyncio.to_thread(classify)
-        # Objects on disk that no verified snapshot vouches for (a crash leftover, or listed with a
-        # hash type not seen before) are re-hashed before they are trusted.
+        # Objects in the store that no verified snapshot vouches for (a crash leftover, or listed
+        # with a hash type not seen before) are re-hashed before they are trusted.
         if recheck:
-            results = await asyncio.to_thread(
-                lambda: [
-                    _hash_file(self.store.object_path(e.expected.hashes["sha256"]), e.expected.hashes) for e in recheck
-                ]
-            )
+            results = await asyncio.to_thread(lambda: [self._hash_object(e.expected) for e in recheck])
             for entry, hashes in zip(recheck, results, strict=True):
                 if hashes == entry.expected.hashes:
-                    snap.add(entry.expected.path, file_record(entry.expected.size, entry.expected.hashes))
+                    files.add(entry.expected.path, file_record(entry.expected.size, entry.expected.hashes), pool=True)
                 else:
                     missing.append(entry)
         if missing:
@@ -532,11 +536,25 @@ class _Sync:
             except Rejected:
                 download.discard()
                 raise
-            snap.add(exp.path, file_record(exp.size, exp.hashes))
-            await asyncio.to_thread(snap.adopt, self.store, download.path, exp.hashes["sha256"], exp.path)
+            files.add(exp.path, file_record(exp.size, exp.hashes), pool=True)
+            await asyncio.to_thread(self._adopt, builder, download.path, exp)
             self.progress.advance(self.up.name, files=1)
 
         await _run_bounded(missing, fetch_one, self.concurrency)
+
+    def _adopt(self, builder: SnapshotBuilder, tmp_file: Path, exp: verify.Expected) -> None:
+        """A verified pool file into the store and the snapshot (in a worker thread: both wait on
+        the filesystem journal, and a snapshot of its own links it now)."""
+        self.store.adopt(tmp_file, exp.hashes["sha256"])
+        builder.add(exp.path, exp.hashes["sha256"], pool=True)
+
+    def _hash_object(self, exp: verify.Expected) -> dict[str, str]:
+        hashers = {a: hashlib.new(a) for a in exp.hashes}
+        with self.store.open_object(exp.hashes["sha256"]) as handle:
+            while chunk := handle.read(1 << 20):
+                for h in hashers.values():
+                    h.update(chunk)
+        return {a: h.hexdigest() for a, h in hashers.items()}
 
 
 # ---------------------------------------------------------------- helpers
@@ -570,22 +588,6 @@ def _known_hashes(*manifests: Manifest | None) -> dict[str, dict[str, Any]]:
 
 def _agrees(record: dict[str, Any] | None, exp: verify.Expected) -> bool:
     return record is not None and all(record.get(a) == h for a, h in exp.hashes.items())
-
-
-def _hash_file(path: Path, algos: Iterable[str]) -> dict[str, str]:
-    hashers = {a: hashlib.new(a) for a in algos}
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            for h in hashers.values():
-                h.update(chunk)
-    return {a: h.hexdigest() for a, h in hashers.items()}
-
-
-def _link_all(snap: _Snapshot) -> None:
-    """Link what is not in the tree yet: reused files, indices, by-hash entries."""
-    for path, record in snap.files.items():
-        if path not in snap.linked:
-            snap.tree.link(path, record["sha256"])
 
 
 async def _gather(aws: Iterable[Awaitable[Any]]) -> list[Any]:

@@ -1,7 +1,7 @@
 """Sync benchmark: aptguard against aptly, apt-mirror2 and the local-disk floor, side by side.
 
     .venv/bin/python bench/sync_vs_aptly.py [--runs 3] [--shapes small,large,debian] [--results bench/RESULTS.md]
-        [--tools aptguard,aptly,...] [--baseline GIT-REV] [--log FILE]
+        [--tools aptguard,aptly,...] [--baseline GIT-REV] [--log FILE] [--no-entries]
 
 An upstream of real signed .debs (fixtures/repo.py, fixtures/keys.py) is served by nginx on
 127.0.0.1. For each shape and each run, every tool starts from an empty folder and does three
@@ -13,6 +13,13 @@ The tools take turns inside each run, so machine noise hits them alike; the tabl
 of wall time and peak RSS (per process, from /usr/bin/time), and the ratios aptguard/aptly and
 aptguard/floor. `--baseline REV` adds aptguard as of that git revision as one more tool, run
 the same way in the same turns, for a before/after of a change (ratio aptguard/baseline).
+
+After the timed runs of a shape, one more incremental sync of aptguard (and of the baseline)
+runs under strace, untimed, from a fresh cold sync of A into a folder of its own: the bench counts
+the filesystem entries it made, removed or renamed inside the data folder (mkdir, link, symlink,
+rename, unlink, rmdir, and open with O_CREAT that succeeded), against the pool files that differ
+between A and B. Making and promoting a snapshot should touch O(change) entries, not O(archive).
+`--no-entries` skips it.
 See the README, "Benchmarks".
 """
 
@@ -20,9 +27,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import filecmp
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -76,6 +85,10 @@ SHAPES = {
 PHASES = ("cold", "no-op", "incremental")
 TOOLS = ("aptguard", "aptly", "apt-mirror2", "floor")
 LOG: Path | None = None  # --log: every command's output, appended
+STRACE = Path("/usr/bin/strace")
+# The system calls that make, remove or rename a directory entry (open only with O_CREAT).
+TRACED = "mkdir,mkdirat,link,linkat,symlink,symlinkat,rename,renameat,renameat2,unlink,unlinkat,rmdir,open,openat,creat"
+ENTRY_KINDS = ("mkdir", "link", "symlink", "rename", "unlink", "rmdir", "create")
 
 
 @dataclass
@@ -85,10 +98,33 @@ class Measure:
 
 
 @dataclass
+class Entries:
+    """What one traced incremental sync did to the data folder, and the change it mirrored."""
+
+    kinds: dict[str, int]  # ENTRY_KINDS -> successful calls on an entry inside the data folder
+    unattributed: int  # successful calls on a path relative to a folder strace could not name
+    changed: int  # pool files that differ between A and B (new, changed or gone)
+    total: int  # pool files in B
+
+    @property
+    def touched(self) -> int:
+        return sum(self.kinds.values())
+
+    def line(self, tool: str) -> str:
+        kinds = ", ".join(f"{k} {self.kinds[k]}" for k in ENTRY_KINDS)
+        unknown = f"; {self.unattributed} more calls on paths not attributable" if self.unattributed else ""
+        return (
+            f"{tool} incremental: {self.touched} filesystem entries touched ({kinds}) "
+            f"for {self.changed} changed pool files of {self.total}{unknown}"
+        )
+
+
+@dataclass
 class Table:
     shape: str
     # (tool, phase) -> measures over runs
     runs: dict[tuple[str, str], list[Measure]] = field(default_factory=dict)
+    entries: dict[str, Entries] = field(default_factory=dict)  # tool -> its traced incremental
 
     def add(self, tool: str, phase: str, m: Measure) -> None:
         self.runs.setdefault((tool, phase), []).append(m)
@@ -233,7 +269,130 @@ def tree_files(root: Path) -> dict[str, tuple[int, int]]:
 
 
 def count_debs(root: Path) -> int:
+    """The .deb files served under root: symlinked folders followed (a snapshot's pool folders
+    may be links to a shared tree)."""
     return sum(1 for _f, _d, files in os.walk(root, followlinks=True) for n in files if n.endswith(".deb"))
+
+
+def pool_diff(root_a: Path, root_b: Path) -> tuple[int, int]:
+    """Pool files that differ between two upstream trees (new in B, gone from A, or other
+    bytes), and how many B has."""
+    a, b = (set(tree_files(root / "pool")) if (root / "pool").is_dir() else set() for root in (root_a, root_b))
+    changed = len(a ^ b)
+    for rel in a & b:
+        fa, fb = root_a / "pool" / rel, root_b / "pool" / rel
+        if not os.path.samefile(fa, fb) and not filecmp.cmp(fa, fb, shallow=False):
+            changed += 1
+    return changed, len(b)
+
+
+# ---------------------------------------------------------------- strace
+
+
+def split_args(text: str) -> list[str]:
+    """strace's argument list split at its top-level commas (quotes and <...>, [...], {...} kept)."""
+    args, depth, quoted, start, i = [], 0, False, 0, 0
+    while i < len(text):
+        c = text[i]
+        if quoted:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                quoted = False
+        elif c == '"':
+            quoted = True
+        elif c in "<[{(":
+            depth += 1
+        elif c in ">]})":
+            depth -= 1
+        elif c == "," and depth == 0:
+            args.append(text[start:i].strip())
+            start = i + 1
+        i += 1
+    args.append(text[start:].strip())
+    return args
+
+
+def strace_path(dirfd: str | None, arg: str, cwd: Path) -> str | None:
+    """The absolute path a call names, from its path argument and its dirfd (decorated by -y:
+    `5</the/folder>`, `AT_FDCWD</cwd>`); None when that folder is unknown."""
+    if not arg.startswith('"'):
+        return None  # NULL or an address strace could not read
+    path = arg[1 : arg.rindex('"')]
+    if path.startswith("/"):
+        return os.path.normpath(path)
+    if dirfd is None or dirfd.startswith("AT_FDCWD"):
+        base = dirfd[len("AT_FDCWD<") : -1] if dirfd and dirfd.endswith(">") else str(cwd)
+    elif "<" in dirfd and dirfd.endswith(">"):
+        base = dirfd[dirfd.index("<") + 1 : -1]
+    else:
+        return None
+    return os.path.normpath(os.path.join(base, path))
+
+
+# call -> (kind, [(dirfd index or None, path index)]): the entries it makes, removes or renames.
+CALLS: dict[str, tuple[str, list[tuple[int | None, int]]]] = {
+    "mkdir": ("mkdir", [(None, 0)]),
+    "mkdirat": ("mkdir", [(0, 1)]),
+    "link": ("link", [(None, 1)]),
+    "linkat": ("link", [(2, 3)]),
+    "symlink": ("symlink", [(None, 1)]),
+    "symlinkat": ("symlink", [(1, 2)]),
+    "rename": ("rename", [(None, 0), (None, 1)]),
+    "renameat": ("rename", [(0, 1), (2, 3)]),
+    "renameat2": ("rename", [(0, 1), (2, 3)]),
+    "unlink": ("unlink", [(None, 0)]),
+    "unlinkat": ("unlink", [(0, 1)]),  # rmdir with AT_REMOVEDIR
+    "rmdir": ("rmdir", [(None, 0)]),
+    "open": ("create", [(None, 0)]),  # only with O_CREAT
+    "openat": ("create", [(0, 1)]),
+    "creat": ("create", [(None, 0)]),
+}
+
+
+RETURNED = re.compile(r"(.*)\)\s+=\s+(\S.*)")  # the arguments (up to the last `) =`) and the result
+
+
+def count_entries(trace: Path, data_dir: Path, cwd: Path) -> tuple[dict[str, int], int]:
+    """Successful calls of `strace -f -y -e trace=TRACED` that made, removed or renamed an entry
+    inside data_dir, by kind; and how many successful ones named a path relative to an unknown folder."""
+    roots = {str(data_dir), os.path.realpath(data_dir)}
+    kinds = dict.fromkeys(ENTRY_KINDS, 0)
+    unattributed = 0
+    pending: dict[str, str] = {}  # pid -> a call's text before <unfinished ...>
+    with open(trace, errors="replace") as lines:
+        for line in lines:
+            pid, _, text = line.rstrip("\n").partition(" ")
+            text = text.lstrip()
+            if text.endswith("<unfinished ...>"):
+                pending[pid] = text[: -len("<unfinished ...>")].rstrip()
+                continue
+            if text.startswith("<... "):
+                head = pending.pop(pid, None)
+                if head is None:
+                    continue
+                text = head + text.partition(" resumed>")[2]
+            name, paren, rest = text.partition("(")
+            if not paren or name not in CALLS:
+                continue
+            ended = RETURNED.fullmatch(rest)  # strace pads short calls: `mkdir("/x", 0777)       = 0`
+            if ended is None or ended[2].startswith(("-1", "?")):
+                continue  # failed or never returned: no entry touched
+            args_text = ended[1]
+            args = split_args(args_text)
+            kind, places = CALLS[name]
+            if kind == "create":
+                flags = args[2] if name == "openat" else args[1]
+                if name != "creat" and "O_CREAT" not in flags:
+                    continue
+            if name == "unlinkat" and "AT_REMOVEDIR" in args[2]:
+                kind = "rmdir"
+            paths = [strace_path(args[d] if d is not None else None, args[p], cwd) for d, p in places]
+            if any(p is not None and any(p == r or p.startswith(r + "/") for r in roots) for p in paths):
+                kinds[kind] += 1
+            elif any(p is None for p in paths):
+                unattributed += 1
+    return kinds, unattributed
 
 
 # ---------------------------------------------------------------- the tools
@@ -270,17 +429,35 @@ class Aptguard(Tool):
 
     tree = ROOT
 
-    def phase(self, phase: str) -> Measure:
+    def phase(self, phase: str, wrap: tuple[str, ...] = ()) -> Measure:
         env = {**os.environ, "PYTHONPATH": str(self.tree)}
-        m = run([sys.executable, "-m", "aptguard", "--config", str(self.config), "sync"], env=env)
+        # Run from the tool's own folder: `python -m` puts the working directory first on sys.path,
+        # so from a checkout's root it would import that checkout's aptguard, not self.tree's.
+        cmd = [*wrap, sys.executable, "-m", "aptguard", "--config", str(self.config), "sync"]
+        m = run(cmd, env=env, cwd=self.work)
         out = run.last_output  # type: ignore[attr-defined]
         want = "unchanged" if phase == "no-op" else "promoted"
         if f"bench: {want}" not in out:
-            raise RuntimeError(f"aptguard {phase}: expected {want!r}, got:\n{out}")
+            raise RuntimeError(f"{self.name} {phase}: expected {want!r}, got:\n{out}")
         return m
 
+    def traced_incremental(self, trace: Path) -> tuple[dict[str, int], int]:
+        """One incremental sync under strace (upstream already switched to B); the entries it
+        made, removed or renamed in the data folder, by kind, and the calls not attributable."""
+        self.phase("incremental", (str(STRACE), "-f", "-qq", "-y", "-e", f"trace={TRACED}", "-o", str(trace)))
+        return count_entries(trace, self.work / "data", self.work)
+
     def debs(self) -> int:
-        return count_debs(self.work / "data" / "current" / "bench")
+        """The .deb files the current snapshot lists, each one served (a snapshot's pool folder
+        may also hold files of its siblings: they are not what it serves to apt)."""
+        from aptguard.store import FileStore
+
+        store = FileStore(self.work / "data")
+        current = store.current("bench")
+        if current is None:
+            return 0
+        listed = [p for p in store.read_manifest("bench", current).files if p.endswith(".deb")]
+        return sum(1 for p in listed if store.served_file("current", ("bench",), p.split("/")))
 
 
 class Baseline(Aptguard):
@@ -390,7 +567,7 @@ class Floor(Tool):
 # ---------------------------------------------------------------- the benchmark
 
 
-def bench_shape(shape: str, runs: int, work: Path, tools: list[str]) -> Table:
+def bench_shape(shape: str, runs: int, work: Path, tools: list[str], entries: bool = True) -> Table:
     count = SHAPES[shape].count
     print(f"== shape {shape}: {SHAPES[shape]} ({SHAPES[shape].incremental} for the incremental phase)", flush=True)
     started = time.perf_counter()
@@ -428,6 +605,19 @@ def bench_shape(shape: str, runs: int, work: Path, tools: list[str]) -> Table:
                     f"{p} {table.runs[(name, p)][-1].seconds:.2f}s/{table.runs[(name, p)][-1].rss_kb // 1024}MB"
                     for p in PHASES), flush=True)  # fmt: skip
                 shutil.rmtree(work / f"run{r}" / name, ignore_errors=True)
+        # After the timed runs, so that the trace slows none of them down.
+        if entries:
+            changed, total = pool_diff(root_a, root_b)
+            for name in (t for t in tools if t in ("aptguard", "baseline")):
+                point(www / "repo", root_a)
+                tool = classes[name](work / "entries" / name, nginx, keyring, SHAPES[shape])
+                assert isinstance(tool, Aptguard)
+                tool.phase("cold")
+                point(www / "repo", root_b)
+                kinds, unattributed = tool.traced_incremental(work / "entries" / f"{name}.strace")
+                table.entries[name] = Entries(kinds, unattributed, changed, total)
+                print(f"   {table.entries[name].line(name)}", flush=True)
+                shutil.rmtree(work / "entries", ignore_errors=True)
     finally:
         nginx.stop()
     return table
@@ -494,6 +684,13 @@ def render(tables: list[Table], runs: int) -> str:
                     f"| peak RSS, {phase} | {cell('aptguard', phase, 'rss')} | {cell('baseline', phase, 'rss')} "
                     f"| {ratio('aptguard', 'baseline', phase, 'rss')} |"
                 )
+        if t.entries:
+            lines += [
+                "",
+                "Filesystem entries made, removed or renamed in the data folder by one incremental sync (strace):",
+                "",
+            ]
+            lines += [f"- {e.line(tool)}" for tool, e in t.entries.items()]
         lines.append("")
     return "\n".join(lines)
 
@@ -506,6 +703,12 @@ def main() -> None:
     parser.add_argument("--results", type=Path, help="write the tables to this Markdown file (bench/RESULTS.md)")
     parser.add_argument("--baseline", help="also run aptguard as of this git revision (a before/after)")
     parser.add_argument("--log", type=Path, help="append every command's output to this file")
+    parser.add_argument(
+        "--entries",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="count the filesystem entries one more (untimed) incremental aptguard sync touches, under strace",
+    )
     args = parser.parse_args()
     global LOG
     LOG = args.log
@@ -529,13 +732,16 @@ def main() -> None:
     if "apt-mirror2" in tools and not (PEERS_VENV / "bin" / "apt-mirror").exists():
         print(f"apt-mirror2 not installed: python3 -m venv {PEERS_VENV} && {PEERS_VENV}/bin/pip install apt-mirror")
         tools.remove("apt-mirror2")
+    if args.entries and not STRACE.exists():
+        print(f"{STRACE} not found: no count of filesystem entries (--no-entries)")
+        args.entries = False
     tables = []
     with tempfile.TemporaryDirectory(prefix="agbench-") as tmp:
         os.chmod(tmp, 0o755)
         for shape in args.shapes.split(","):
             work = Path(tmp) / shape
             work.mkdir()
-            tables.append(bench_shape(shape, args.runs, work, tools))
+            tables.append(bench_shape(shape, args.runs, work, tools, args.entries))
             shutil.rmtree(work, ignore_errors=True)
     text = render(tables, args.runs)
     print()

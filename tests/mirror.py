@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aptguard.store import FileStore
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -222,17 +224,17 @@ class Mirror:
             return exc.code, exc.read()
 
     def served(self, name: str) -> dict[str, bytes]:
-        """Every file the server serves under /NAME/, fetched over HTTP: the client's view."""
-        tree = self.data / "current" / name
+        """Every file of the current snapshot of NAME (as its manifest lists them), fetched over
+        HTTP from /NAME/: the client's view."""
+        store = FileStore(self.data)
+        current = store.current(name)
         found: dict[str, bytes] = {}
-        if not tree.exists():
+        if current is None:
             return found
-        for path in sorted(tree.rglob("*")):
-            if path.is_file():
-                rel = path.relative_to(tree).as_posix()
-                status, body = self.get(f"/{name}/{rel}")
-                assert status == 200, f"/{name}/{rel}: HTTP {status}"
-                found[rel] = body
+        for rel in sorted(store.read_manifest(name, current).files):
+            status, body = self.get(f"/{name}/{rel}")
+            assert status == 200, f"/{name}/{rel}: HTTP {status}"
+            found[rel] = body
         return found
 
     def source_line(self, name: str, suite: str, components: list[str], keyring: Path) -> str:

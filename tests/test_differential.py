@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from aptguard.store import FileStore
 from fixtures.apt import AptClient
 from fixtures.keys import SigningKey, write_keyring
 from fixtures.mutants import ARCH, COMPONENT, SUITE, Corpus, Mutant, build_corpus
@@ -283,14 +284,17 @@ def guard_verdicts(mirror: Mirror, names: list[str]) -> tuple[dict[str, GuardVer
         if len(left) > 1:
             run = mirror.sync(*left[1:], timeout=900)
             runs += 1
+    store = FileStore(mirror.data)
     for name, verdict in verdicts.items():
-        tree = mirror.data / "current" / name
-        if verdict.accepted and tree.exists():
-            root = tree.resolve()
+        current = store.current(name)
+        if verdict.accepted and current is not None:
+            served = {
+                rel: Path(found).read_bytes()
+                for rel in store.read_manifest(name, current).files
+                if rel.startswith("pool/") and (found := store.served_file("current", (name,), rel.split("/")))
+            }
             verdict.files = frozenset(
-                (p.relative_to(root).as_posix(), p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
-                for p in sorted((root / "pool").rglob("*"))
-                if p.is_file()
+                (rel, len(body), hashlib.sha256(body).hexdigest()) for rel, body in sorted(served.items())
             )
     return verdicts, runs
 

@@ -28,13 +28,13 @@ OLD_STATE = DATA / "state-before-records.json"
 def _commit(store: FileStore, name: str, manifest: Manifest) -> bytes:
     """Write `manifest` as a sync does (an empty tree, committed); the bytes of its meta file."""
     store.ensure()
-    store.new_tree(name, manifest.id).commit(manifest)
-    return store.meta_path(name, manifest.id).read_bytes()
+    store.new_snapshot(name, manifest.id).commit(manifest, {})
+    return (store.root / "meta" / name / f"{manifest.id}.json").read_bytes()
 
 
 def _write(store: FileStore, name: str, state: UpstreamState) -> bytes:
     store.write_state(name, state)
-    return store.state_path(name).read_bytes()
+    return (store.root / "state" / f"{name}.json").read_bytes()
 
 
 def test_records_written_before_records_py_are_written_back_byte_for_byte(tmp_path: Path) -> None:
@@ -73,7 +73,7 @@ def test_a_real_sync_writes_records_that_read_back_unchanged(
     store = FileStore(mirror.data)
     first, second, third = store.snapshot_ids("up")
     for snap_id in (first, second, third):
-        raw = store.meta_path("up", snap_id).read_bytes()
+        raw = (store.root / "meta" / "up" / f"{snap_id}.json").read_bytes()
         manifest = store.read_manifest("up", snap_id)
         assert manifest.id == snap_id and manifest.upstream == "up" and manifest.format == Manifest.FORMAT
         assert manifest.count == len(manifest.files)
@@ -81,7 +81,7 @@ def test_a_real_sync_writes_records_that_read_back_unchanged(
         for suite in manifest.suites.values():
             assert all(path in manifest.files for path in suite.paths)
     assert store.read_manifest("up", third).packages["bookworm"]["main/amd64"] == {"hello": "3.0"}
-    raw_state = store.state_path("up").read_bytes()
+    raw_state = (store.root / "state" / "up.json").read_bytes()
     state = store.read_state("up")
     assert state.held and store.current("up") == first
     assert state.last_sync == LastSync(
@@ -94,7 +94,7 @@ def test_a_real_sync_writes_records_that_read_back_unchanged(
 def test_a_manifest_of_a_newer_format_is_refused_naming_the_file(tmp_path: Path) -> None:
     store = FileStore(tmp_path / "data")
     data = json.loads(OLD_MANIFEST.read_bytes()) | {"format": 2}
-    path = store.meta_path("up", data["id"])
+    path = store.root / "meta" / "up" / f"{data['id']}.json"
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(data))
     with pytest.raises(RecordError, match=r"format 2 is newer than this aptguard reads \(format 1\)") as caught:
@@ -104,11 +104,11 @@ def test_a_manifest_of_a_newer_format_is_refused_naming_the_file(tmp_path: Path)
 
 def test_a_state_of_a_newer_format_is_refused_naming_the_file(tmp_path: Path) -> None:
     store = FileStore(tmp_path / "data")
-    store.state_path("up").parent.mkdir(parents=True)
-    store.state_path("up").write_text(json.dumps({"format": 2, "hold": True}))
+    (store.root / "state" / "up.json").parent.mkdir(parents=True)
+    (store.root / "state" / "up.json").write_text(json.dumps({"format": 2, "hold": True}))
     with pytest.raises(RecordError, match="format 2 is newer") as caught:
         store.read_state("up")
-    assert str(store.state_path("up")) in str(caught.value)
+    assert str(store.root / "state" / "up.json") in str(caught.value)
 
 
 def test_a_manifest_missing_a_field_is_refused_naming_it(tmp_path: Path) -> None:

@@ -79,16 +79,16 @@ def test_operator_pages_parse_no_manifest_per_request(
         config = load_config(mirror.config)
         store = FileStore(config.data_dir)
         in_process: list[tuple[str, str]] = []
-        in_child: list[Path] = []
+        in_child: list[tuple[str, str]] = []
         read_manifest, compute_in_child = FileStore.read_manifest, summary._compute_in_child
 
         def counting_read(self: FileStore, name: str, snap_id: str) -> Manifest:
             in_process.append((name, snap_id))
             return read_manifest(self, name, snap_id)
 
-        async def counting_child(key: tuple[str, str, str], manifest: Path) -> None:
-            in_child.append(manifest)
-            await compute_in_child(key, manifest)
+        async def counting_child(key: tuple[str, str, str]) -> None:
+            in_child.append(key[1:])
+            await compute_in_child(key)
 
         monkeypatch.setattr(FileStore, "read_manifest", counting_read)
         monkeypatch.setattr(summary, "_compute_in_child", counting_child)
@@ -115,9 +115,9 @@ def test_operator_pages_parse_no_manifest_per_request(
     finally:
         upstream.stop()
     assert in_process == [], "the server parsed a manifest in process"
-    assert in_child == [store.meta_path("up", first), store.meta_path("up", second)], in_child
+    assert in_child == [("up", first), ("up", second)], in_child
     cli = mirror.status()["upstreams"]["up"]  # the CLI, from the manifest itself
-    manifest = json.loads(store.meta_path("up", second).read_text())
+    manifest = read_manifest(store, "up", second).to_json()
     for body in after["/status"]:
         served = json.loads(body)["upstreams"]["up"]
         assert served["current"] == second == cli["current"]

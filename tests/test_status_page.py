@@ -86,7 +86,7 @@ def page_mirror(tmp_path_factory: pytest.TempPathFactory, keys, deb_cache: Path)
     repos["broken"].publish("stable", [stranger], date=now + dt.timedelta(seconds=5))
     assert mirror.sync("broken").returncode == 1
     store = FileStore(mirror.data)
-    store.set_pin("ci-good", "good", store.current("good"))
+    store.set_pin("ci-good", "good", store.current("good") or "", expect=None)
     state = store.read_state("broken")
     state.hold = True
     store.write_state("broken", state)

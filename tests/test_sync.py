@@ -6,7 +6,6 @@ import datetime as dt
 import email.utils
 import hashlib
 import json
-import os
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from aptguard.store import FileStore, StoredFile
 from fixtures.apt import AptClient
 from fixtures.keys import SigningKey, verify_status, write_keyring
 from fixtures.repo import Repo
@@ -163,9 +163,10 @@ def test_an_unchanged_package_is_stored_once_across_snapshots(
     assert sum(1 for p in up.requests if p.endswith("big_1.0_amd64.deb")) == big_requests  # not fetched again
     first, second = (s["id"] for s in reversed(mirror.snapshots("d")))
     rel = r.deb_path("bookworm", "main", "amd64", "big").relative_to(r.root)
-    a = os.stat(mirror.data / "snapshots" / "d" / first / rel)
-    b = os.stat(mirror.data / "snapshots" / "d" / second / rel)
-    assert a.st_ino == b.st_ino  # one stored file, two snapshots
+    store = FileStore(mirror.data)
+    a, b = (store.stored_file("d", snap, rel.as_posix()) for snap in (first, second))
+    assert isinstance(a, StoredFile) and isinstance(b, StoredFile)
+    assert a.key == b.key  # one stored file, two snapshots
 
 
 def test_cosigned_release_with_an_unknown_second_key_is_promoted(
