@@ -524,7 +524,7 @@ def _json_result(r: Any) -> None:
         "reason": r.reason,
         "detail": r.detail,
         "snapshot": r.snapshot,
-        **{k: v for k, v in r.stats.items() if k in ("files", "bytes", "downloaded", "seconds")},
+        **{k: v for k, v in r.stats.items() if k in ("files", "bytes", "downloaded", "seconds", "written", "steps")},
     }
     if r.outcome in ("promoted", "stored") and r.snapshot:
         record["changes"] = r.stats.get("changes", [])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import ipaddress
 import itertools
 import os
@@ -38,7 +39,7 @@ CHUNK = 64 * 1024
 # listed algorithm, GIL released) runs on the other core while the loop receives, with one
 # thread hop per 256 KiB rather than three per chunk.
 FLUSH = 256 * 1024
-INLINE = 16 * 1024  # a body this small is cheaper to hash and write than to hand to a thread
+INLINE = FLUSH  # a body this small is hashed on the loop and held in memory until the caller saves it
 REDIRECTS = 5
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # Requests say which body encoding they take: apt sends no Accept-Encoding, and a CDN that gzips
@@ -53,18 +54,33 @@ _PRINTABLE = re.compile(r"[!-~]+")  # printable ASCII, no space: checked in C fo
 HASHLIB_NAMES = {"md5": "md5", "sha1": "sha1", "sha256": "sha256", "sha512": "sha512"}
 
 
-@dataclass(frozen=True)
+@dataclass
 class Download:
-    """A body that arrived whole, in a temporary file the caller adopts or removes."""
+    """A body that arrived whole, in a temporary file the caller adopts or removes. A small body
+    is held in memory until save() (creating a file waits on the filesystem journal: the event
+    loop must not), which the caller runs in a worker thread."""
 
     path: Path
     size: int
     hashes: dict[str, str]
+    data: bytes | None = None
 
     def read(self) -> bytes:
-        return self.path.read_bytes()
+        return self.data if self.data is not None else self.path.read_bytes()
+
+    def open(self) -> BinaryIO:
+        return io.BytesIO(self.data) if self.data is not None else open(self.path, "rb")  # noqa: SIM115
+
+    def save(self) -> Path:
+        """The body as a read-only file at `path` (written now if it was held in memory)."""
+        if self.data is not None:
+            with _create(self.path) as out:
+                out.write(self.data)
+            self.data = None
+        return self.path
 
     def discard(self) -> None:
+        self.data = None
         self.path.unlink(missing_ok=True)
 
 
@@ -236,11 +252,17 @@ class Fetcher:
                 if self.on_bytes:
                     self.on_bytes(len(chunk))
             # Creating a file waits on the filesystem journal: a body of more than a few KiB is
-            # created, written, hashed and closed in one worker-thread call, off the event loop.
+            # created, written, hashed and closed in one worker-thread call, off the event loop;
+            # a smaller one is hashed here and kept in memory until the caller saves it.
             if out is not None or held > INLINE:
                 out = await asyncio.to_thread(_absorb, out, path, hashers, pending, close=True)
             else:
-                out = _absorb(out, path, hashers, pending, close=True)
+                for chunk in pending:
+                    for h in hashers:
+                        h.update(chunk)
+                done = True
+                data = b"".join(pending)
+                return Download(path, size, {a: h.hexdigest() for a, h in zip(algos, hashers, strict=True)}, data)
             done = True
         except OSError as exc:
             if isinstance(exc, aiohttp.ClientError | TimeoutError):

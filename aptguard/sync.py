@@ -33,6 +33,7 @@ from aptguard.store import FileStore, SnapshotBuilder, new_snapshot_id, storage_
 INRELEASE_LIMIT = 10_000_000  # apt's own cap on InRelease
 SIGNATURE_LIMIT = 1_000_000  # a Release.gpg: Debian's, three signatures, is under 3 KB
 SIGNED_NAMES = ("InRelease", "Release", "Release.gpg")
+SMALL_BATCH = 64  # small pool files stored per worker-thread call
 Log = Callable[[str], None]
 
 
@@ -223,7 +224,17 @@ class _Sync:
 
     async def run(self, *, promote: bool, allow_release_change: bool) -> SyncResult:
         up, store = self.up, self.store
+        steps: dict[str, float] = {}  # step -> seconds, for `--log-format json` (where a sync's time goes)
+        mark = time.monotonic()
+
+        def step(name: str) -> None:
+            nonlocal mark
+            now = time.monotonic()
+            steps[name] = round(now - mark, 3)
+            mark = now
+
         plan = _plan(store, up.name)
+        step("plan")
         keys = [
             TrustedKey(fingerprint=k.fingerprint, uid=k.uid, expires=_iso(k.expires) if k.expires else None)
             for k in self.keyring.keys
@@ -246,19 +257,23 @@ class _Sync:
             suites = await _gather(
                 self._release(fetcher, s, plan.newest, previous.get(s), allow_release_change, now) for s in up.suites
             )
+            step("releases")
             if plan.newest is not None and all(s.unchanged for s in suites):
                 self.log(f"{up.name}: unchanged (signed Release identical to snapshot {plan.newest.id})")
                 return SyncResult(
                     up.name, "unchanged", snapshot=plan.newest.id, stats={"keys": keys, "requests": fetcher.requests}
                 )
             files, suite_meta, packages, pool = await self._suites(fetcher, suites, plan.newest)
+            step("indices")
             snap_id = new_snapshot_id(set(store.snapshot_ids(up.name)))
             builder = store.new_snapshot(up.name, snap_id, plan.newest)
             try:
                 await self._pool(fetcher, pool, _known_hashes(plan.newest, plan.current), files, builder)
                 requests = fetcher.requests
+                step("pool")
                 manifest, own_by_hash = self._build(snap_id, files, suite_meta, packages, plan)
                 written = await asyncio.to_thread(self._commit, builder, manifest, files, own_by_hash)
+                step("commit")
             except BaseException:
                 await asyncio.to_thread(builder.abort)
                 raise
@@ -272,9 +287,11 @@ class _Sync:
             "written": written,
             # Against the current snapshot (what a promotion replaced, or what stays served).
             "changes": count_lines({"suites": compare(old_packages, manifest.packages)}),
+            "steps": steps,
         }
         if promote and not plan.state.held:
             switch_current(store, up.name, store.read_state(up.name), snap_id, plan.current_id, hold=False)
+            step("promote")
             self.log(f"{up.name}: promoted snapshot {snap_id} ({manifest.count} files)")
             return SyncResult(up.name, "promoted", snapshot=snap_id, previous=plan.current_id, stats=stats)
         why = "on hold (rollback): `aptguard promote` to serve it" if plan.state.held else "--no-promote"
@@ -424,7 +441,7 @@ class _Sync:
             # Last-Modified of InRelease, Release and Release.gpg is the Release's Date, as on the
             # upstream: apt takes a 200 whose Last-Modified equals its copy's as unchanged, so two
             # downloads within one second must not both say "now".
-            self.store.adopt(download.path, download.hashes["sha256"], mtime=release.date.timestamp())
+            self.store.adopt(download.save(), download.hashes["sha256"], mtime=release.date.timestamp())
             files.add(path, file_record(download.size, {"sha256": download.hashes["sha256"]}))
             paths.append(path)
         groups = verify.needed_indices(release, self.up)
@@ -432,7 +449,7 @@ class _Sync:
         listing: dict[str, dict[str, str]] = {}
         for group, (present, entries) in zip(groups, fetched, strict=True):
             for expected, download in present:
-                self.store.adopt(download.path, expected.hashes["sha256"])
+                self.store.adopt(download.save(), expected.hashes["sha256"])
                 files.add(expected.path, file_record(expected.size, expected.hashes))
                 paths.append(expected.path)
                 if release.by_hash:
@@ -461,7 +478,7 @@ class _Sync:
             verify.read_index,
             group,
             [(v, d.size, d.hashes) for v, d in present],
-            lambda v: open(by_entry[id(v)].path, "rb"),  # noqa: SIM115 - the verifier closes it
+            lambda v: by_entry[id(v)].open(),  # the verifier closes it
             self.limits.max_index_bytes,
         )
         return present, entries
@@ -537,16 +554,38 @@ class _Sync:
                 download.discard()
                 raise
             files.add(exp.path, file_record(exp.size, exp.hashes), pool=True)
-            await asyncio.to_thread(self._adopt, builder, download.path, exp)
+            if download.data is None:
+                await asyncio.to_thread(self._adopt, builder, [(download, exp)])
+            else:  # small: stored in batches, one worker-thread call for many (each call wakes the loop)
+                batch.append((download, exp))
+                if len(batch) >= SMALL_BATCH:
+                    writing.append(asyncio.ensure_future(asyncio.to_thread(self._adopt, builder, batch[:])))
+                    batch.clear()
+                    if len(writing) > self.concurrency:  # bounded memory: wait for the oldest
+                        await writing.pop(0)
             self.progress.advance(self.up.name, files=1)
 
-        await _run_bounded(missing, fetch_one, self.concurrency)
+        batch: list[tuple[Download, verify.Expected]] = []
+        writing: list[asyncio.Future[None]] = []
+        try:
+            await _run_bounded(missing, fetch_one, self.concurrency)
+            writing.append(asyncio.ensure_future(asyncio.to_thread(self._adopt, builder, batch)))
+        finally:
+            results = await asyncio.gather(*writing, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
-    def _adopt(self, builder: SnapshotBuilder, tmp_file: Path, exp: verify.Expected) -> None:
-        """A verified pool file into the store and the snapshot (in a worker thread: both wait on
-        the filesystem journal, and a snapshot of its own links it now)."""
-        self.store.adopt(tmp_file, exp.hashes["sha256"])
-        builder.add(exp.path, exp.hashes["sha256"], pool=True)
+    def _adopt(self, builder: SnapshotBuilder, downloads: list[tuple[Download, verify.Expected]]) -> None:
+        """Verified pool files into the store and the snapshot (in a worker thread: creating,
+        renaming and linking files wait on the filesystem; a snapshot of its own links them now)."""
+        for download, exp in downloads:
+            if download.data is not None:  # a small body, still in memory: written where it belongs
+                builder.put(exp.path, exp.hashes["sha256"], download.data)
+                download.data = None
+            else:
+                self.store.adopt(download.path, exp.hashes["sha256"])
+                builder.add(exp.path, exp.hashes["sha256"], pool=True)
 
     def _hash_object(self, exp: verify.Expected) -> dict[str, str]:
         hashers = {a: hashlib.new(a) for a in exp.hashes}

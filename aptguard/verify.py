@@ -611,14 +611,27 @@ _PKG_FIELD = re.compile(
 )
 _NO_COLON = re.compile(rb"\n[^ \t\n:][^:\n]*(?:\n|$)")  # a field line whose name would run on to the next line
 _WANTED = frozenset({b"package", b"version", b"filename", b"size", b"md5sum", b"sha1", b"sha256", b"sha512"})
+_LOWER = {name.capitalize(): name for name in _WANTED} | {b"MD5sum": b"md5sum", b"SHA256": b"sha256", b"SHA1": b"sha1"}
+_LOWER |= {b"SHA512": b"sha512", b"MD5Sum": b"md5sum"} | {name: name for name in _WANTED}
 
 
-def _stanza_fields(stanza: bytes) -> dict[bytes, bytes]:
-    """Wanted field (lower case) -> value, as apt reads the stanza (which starts with "\\n")."""
-    if b"\r" not in stanza and b"\v" not in stanza and b"\f" not in stanza and not _NO_COLON.search(stanza):
-        found = _PKG_FIELD.findall(stanza)
-        if not any([field[2] for field in found]):
-            return {key.lower(): value.rstrip(tagfile.WHITESPACE) for key, value, _ in found}
+def _plain(text: bytes) -> bool:
+    """True when nothing in `text` (starting with "\\n") could be read otherwise than apt reads it by
+    the fast reading: no control whitespace, no colon-less field line."""
+    return b"\r" not in text and b"\v" not in text and b"\f" not in text and not _NO_COLON.search(text)
+
+
+def _stanza_fields(stanza: bytes, plain: bool = False) -> dict[bytes, bytes]:
+    """Wanted field (lower case) -> value, as apt reads the stanza (which starts with "\\n");
+    `plain`: _plain() already holds for a block of text the stanza is part of."""
+    if plain or _plain(stanza):
+        fields = {}
+        for key, value, continued in _PKG_FIELD.findall(stanza):
+            if continued:
+                break
+            fields[_LOWER.get(key) or key.lower()] = value.rstrip(tagfile.WHITESPACE)
+        else:
+            return fields
     try:
         return {k: v for k, v in tagfile.fields(stanza[1:]).items() if k in _WANTED}
     except tagfile.TagFileError as exc:
@@ -629,28 +642,34 @@ def _text(value: bytes) -> str:
     return value.decode("utf-8", "surrogateescape")
 
 
-def _package_entry(stanza: bytes, n: int, where: str) -> PoolFile:
+def _package_entry(stanza: bytes, n: int, where: str, plain: bool = False) -> PoolFile:
     try:
-        fields = _stanza_fields(b"\n" + stanza)
+        fields = _stanza_fields(b"\n" + stanza, plain)
     except Rejected as exc:
         raise Rejected(exc.reason, f"{where}: entry {n}: {exc.detail}") from None
-    if b"package" not in fields:
+    package_field = fields.get(b"package")
+    if package_field is None:
         raise Rejected("index-mismatch", f"{where}: entry {n} has no Package field (apt refuses the whole index)")
-    package = _text(fields[b"package"])
-    filename = _text(fields.get(b"filename", b""))
+    package = package_field.decode("utf-8", "surrogateescape")
+    filename = fields.get(b"filename", b"").decode("utf-8", "surrogateescape")
     if not filename:
         raise Rejected("index-mismatch", f"{where}: entry {n} ({package[:80]!r}) has no Filename")
     check_path(filename, where)
     size = tagfile.number(fields.get(b"size", b""))
     if size is None:
         raise Rejected("index-mismatch", f"{where}: {filename} has no valid Size (ASCII digits)")
-    hashes = {INDEX_HASHES[k]: _text(v) for k, v in fields.items() if k in INDEX_HASHES}
+    hashes = {}
+    for key, algo in INDEX_HASHES.items():
+        value = fields.get(key)
+        if value is not None:
+            digest = value.decode("utf-8", "surrogateescape")
+            if len(digest) != HEX_LEN[algo] or not _HEX.fullmatch(digest):
+                raise Rejected("index-mismatch", f"{where}: {filename} has a malformed {algo} {digest[:80]!r}")
+            hashes[algo] = digest
     if "sha256" not in hashes:
         raise Rejected("index-mismatch", f"{where}: {filename} has no SHA256 (no strong hash to verify)")
-    for algo, digest in hashes.items():
-        if len(digest) != HEX_LEN[algo] or not _HEX.fullmatch(digest):
-            raise Rejected("index-mismatch", f"{where}: {filename} has a malformed {algo} {digest[:80]!r}")
-    return PoolFile(Expected(filename, size, hashes), package, _text(fields.get(b"version", b"")))
+    version = fields.get(b"version", b"").decode("utf-8", "surrogateescape")
+    return PoolFile(Expected(filename, size, hashes), package, version)
 
 
 def packages_entries(text: str | bytes, where: str) -> Iterator[PoolFile]:
@@ -698,6 +717,7 @@ class _Stanzas:
         self.where = where
         self.rest = b""
         self.first = True  # apt skips blank lines between stanzas, not at the start of the file
+        self.plain = False  # _plain() holds for the whole block the stanzas being yielded come from
 
     def feed(self, chunk: bytes) -> Iterator[bytes]:
         # A separator begun in `rest` can only be its tail: a newline and carriage returns.
@@ -710,11 +730,14 @@ class _Stanzas:
         else:
             self.rest = data[cut:]
             first, self.first = self.first, False
-            yield from tagfile.stanzas(data[:cut], start_of_file=first)
+            block = data[:cut]
+            self.plain = _plain(b"\n" + block)  # one search per block instead of one per stanza
+            yield from tagfile.stanzas(block, start_of_file=first)
         if len(self.rest) > STANZA_LIMIT:
             raise Rejected("too-large", f"{self.where}: a stanza longer than {STANZA_LIMIT} bytes")
 
     def finish(self) -> Iterator[bytes]:
+        self.plain = _plain(b"\n" + self.rest)
         yield from tagfile.stanzas(self.rest, start_of_file=self.first)
         self.rest = b""
 
@@ -824,7 +847,7 @@ def _read_variant(
                 if stanzas is not None:
                     for stanza in stanzas.feed(chunk):
                         n += 1
-                        entries.extend(_entries(group.kind, stanza, n, where))
+                        entries.extend(_entries(group.kind, stanza, n, where, stanzas.plain))
     except Rejected:
         raise
     except Exception as exc:  # every decompressor's own error types: a corrupt or truncated file
@@ -832,7 +855,7 @@ def _read_variant(
     if stanzas is not None:
         for stanza in stanzas.finish():
             n += 1
-            entries.extend(_entries(group.kind, stanza, n, where))
+            entries.extend(_entries(group.kind, stanza, n, where, stanzas.plain))
     got = dict(expected.hashes) if already else {a: h.hexdigest() for a, h in hashers.items()}
     if plain is not None and (total != plain.size or any(got[a] != h for a, h in plain.hashes.items())):
         raise Rejected(
@@ -841,9 +864,9 @@ def _read_variant(
     return (entries if parse else None), got["sha256"]
 
 
-def _entries(kind: str, stanza: bytes, n: int, where: str) -> Iterable[PoolFile]:
+def _entries(kind: str, stanza: bytes, n: int, where: str, plain: bool = False) -> Iterable[PoolFile]:
     if kind == "Packages":
-        return (_package_entry(stanza, n, where),)
+        return (_package_entry(stanza, n, where, plain),)
     return _source_entries(stanza, where)
 
 
