@@ -24,6 +24,7 @@ The filesystem layout (nobody outside this module may rely on it):
     locks/gc.lock                shared by every sync, exclusive for gc: no object vanishes mid-sync
     tmp/                         downloads, gpg homes and trees being built; never served
     log/aptguard.log             tracebacks of internal errors, for a bug report
+    cache/NAME/KEY.json          what a sync keeps for the next one (never the truth: may go)
 
 Snapshots cost what changed. Pool files never change under a path in a sane archive, so all
 snapshots of an upstream share one pool generation: a new snapshot links only its new pool files
@@ -392,6 +393,19 @@ class FileStore:
         write_atomic(
             self.root / "state" / f"{name}.json", json.dumps(state.to_json(), indent=1, sort_keys=True).encode()
         )
+
+    # ------------------------------------------------------------ caches
+
+    def read_cache(self, name: str, key: str) -> object | None:
+        """What an earlier sync of the upstream kept under `key` (JSON), or None. A cache is never
+        the truth: it may be missing, and an unreadable one is None."""
+        try:
+            return _loads((self.root / "cache" / name / f"{key}.json").read_bytes())
+        except (OSError, ValueError):
+            return None
+
+    def write_cache(self, name: str, key: str, value: object) -> None:
+        write_atomic(self.root / "cache" / name / f"{key}.json", _dumps(value), durable=False)
 
     # ------------------------------------------------------------ pointers
 
@@ -868,16 +882,19 @@ def _loads(data: bytes) -> object:
         return json.loads(data)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a small file so that a crash leaves the old content or the new, never a mix."""
+def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Write a small file so that a crash leaves the old content or the new, never a mix
+    (`durable`: flushed to the disk before it returns)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_file = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp_file, "wb") as out:
         out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
+        if durable:
+            out.flush()
+            os.fsync(out.fileno())
     os.rename(tmp_file, path)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def fsync_dir(folder: Path) -> None:

@@ -45,6 +45,15 @@ def stanzas(data: bytes, *, start_of_file: bool = True) -> Iterator[bytes]:
     if not start_of_file:
         while pos < end and data[pos] in b"\r\n":
             pos += 1
+    if b"\r" not in data:  # then a stanza ends at "\n\n": found by bytes.find, not the regex
+        while pos < end:
+            found = data.find(b"\n\n", pos)
+            stop = found + 1 if found >= 0 else end
+            yield data[pos:stop]
+            pos = found + 2 if found >= 0 else end
+            while pos < end and data[pos] == 10:  # b"\n"
+                pos += 1
+        return
     while pos < end:
         found = STANZA_END.search(data, pos)
         stop = found.start() + 1 if found else end

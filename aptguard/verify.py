@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from aptguard import clearsign, tagfile
 from aptguard.config import UpstreamConfig
@@ -742,6 +742,23 @@ class _Stanzas:
         self.rest = b""
 
 
+class _LargeReads:
+    """A compressed file read 1 MiB at a time: the xz and bzip2 readers ask for 8 KiB, and each
+    call needs the GIL, which a parse in another thread hands over only every 5 ms."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+
+    def read(self, size: int = -1) -> bytes:
+        return self.raw.read(-1 if size < 0 else max(size, 1 << 20))
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.raw.close()
+
+
 def _decompressed(ext: str, raw: BinaryIO) -> BinaryIO:
     """A reader of the decompressed bytes; each read(n) returns at most n bytes, whatever the ratio."""
     if ext == "":
@@ -749,9 +766,9 @@ def _decompressed(ext: str, raw: BinaryIO) -> BinaryIO:
     if ext == ".gz":
         return gzip.GzipFile(fileobj=raw)
     if ext in (".xz", ".lzma"):
-        return lzma.LZMAFile(raw)
+        return lzma.LZMAFile(_LargeReads(raw))
     if ext == ".bz2":
-        return bz2.BZ2File(raw)
+        return bz2.BZ2File(_LargeReads(raw))
     if ext == ".zst":
         import zstandard
 
@@ -777,6 +794,7 @@ def read_index(
     present: list[tuple[Expected, int, dict[str, str]]],
     open_file: Callable[[Expected], BinaryIO],
     max_bytes: int,
+    memo: ParseMemo | None = None,
 ) -> list[PoolFile] | None:
     """Check the downloaded variants of one index and return the pool files it names.
 
@@ -803,11 +821,11 @@ def read_index(
         return None
     first, others = variants[0], variants[1:]
     if not others:
-        return _read_variant(group, first, open_file, max_bytes, parse)[0]
+        return _read_variant(group, first, open_file, max_bytes, parse, memo)[0]
     with ThreadPoolExecutor(max_workers=len(others), thread_name_prefix="aptguard-index") as pool:
         futures = [pool.submit(_read_variant, group, e, open_file, max_bytes, False) for e in others]
         try:
-            entries, digest = _read_variant(group, first, open_file, max_bytes, parse)
+            entries, digest = _read_variant(group, first, open_file, max_bytes, parse, memo)
         except BaseException:
             for future in futures:
                 future.cancel()  # not started yet: no need to read them
@@ -819,10 +837,17 @@ def read_index(
 
 
 def _read_variant(
-    group: IndexGroup, expected: Expected, open_file: Callable[[Expected], BinaryIO], max_bytes: int, parse: bool
+    group: IndexGroup,
+    expected: Expected,
+    open_file: Callable[[Expected], BinaryIO],
+    max_bytes: int,
+    parse: bool,
+    memo: ParseMemo | None = None,
 ) -> tuple[list[PoolFile] | None, str]:
     """Decompress one variant within its limit and check it against the uncompressed entry;
     (its pool files if asked to parse it, the SHA256 of its content)."""
+    if memo is None or group.kind != "Packages":
+        memo = None
     plain = group.plain
     limit = min(max_bytes, plain.size) if plain is not None else max_bytes
     algos = sorted(set(plain.hashes if plain else ()) | {"sha256"})
@@ -834,8 +859,11 @@ def _read_variant(
     total = 0
     n = 0
     try:
+        # A variant only hashed runs in a thread beside the parse, and each read needs the GIL,
+        # which the parse hands over every 5 ms: few large reads, not many small ones.
+        size = CHUNK if stanzas is not None else 16 * CHUNK
         with open_file(expected) as raw, _decompressed(compression(where), raw) as text:
-            while chunk := text.read(CHUNK):
+            while chunk := text.read(size):
                 total += len(chunk)
                 if total > limit:
                     declared = (
@@ -847,7 +875,10 @@ def _read_variant(
                 if stanzas is not None:
                     for stanza in stanzas.feed(chunk):
                         n += 1
-                        entries.extend(_entries(group.kind, stanza, n, where, stanzas.plain))
+                        if memo is not None:
+                            entries.append(memo.entry(stanza, n, where, stanzas.plain))
+                        else:
+                            entries.extend(_entries(group.kind, stanza, n, where, stanzas.plain))
     except Rejected:
         raise
     except Exception as exc:  # every decompressor's own error types: a corrupt or truncated file
@@ -855,13 +886,58 @@ def _read_variant(
     if stanzas is not None:
         for stanza in stanzas.finish():
             n += 1
-            entries.extend(_entries(group.kind, stanza, n, where, stanzas.plain))
+            if memo is not None:
+                entries.append(memo.entry(stanza, n, where, stanzas.plain))
+            else:
+                entries.extend(_entries(group.kind, stanza, n, where, stanzas.plain))
     got = dict(expected.hashes) if already else {a: h.hexdigest() for a, h in hashers.items()}
     if plain is not None and (total != plain.size or any(got[a] != h for a, h in plain.hashes.items())):
         raise Rejected(
             "index-mismatch", f"{where}: decompresses to other content than the Release lists for {plain.path}"
         )
     return (entries if parse else None), got["sha256"]
+
+
+class ParseMemo:
+    """Packages stanzas already read by earlier syncs of an upstream, by the SHA-256 of their bytes:
+    a stanza byte for byte the same reads the same by apt's rules, so only what changed since is
+    parsed (1 % of a Debian index a day). Kept by the store between syncs; `seen` is what this
+    sync met (stanza digest -> [Filename, Size, hashes, Package, Version])."""
+
+    FORMAT = 1
+
+    def __init__(self, known: dict[str, list[Any]] | None = None) -> None:
+        self.known = known or {}
+        self.seen: dict[str, list[Any]] = {}
+
+    @classmethod
+    def from_json(cls, data: Any) -> ParseMemo:
+        """A memo from its JSON; an empty one for anything this version did not write."""
+        if isinstance(data, dict) and data.get("format") == cls.FORMAT and isinstance(data.get("stanzas"), dict):
+            return cls(data["stanzas"])
+        return cls()
+
+    def to_json(self, keep_known: bool) -> dict[str, Any]:
+        """What the next sync starts from: the stanzas met now (and those of the earlier syncs,
+        when suites reused unchanged were not read this time)."""
+        stanzas = {**self.known, **self.seen} if keep_known else self.seen
+        return {"format": self.FORMAT, "stanzas": stanzas}
+
+    def entry(self, stanza: bytes, n: int, where: str, plain: bool) -> PoolFile:
+        key = hashlib.sha256(stanza).hexdigest()
+        known = self.known.get(key)
+        if known is not None:
+            try:
+                path, size, hashes, package, version = known
+                found = PoolFile(Expected(path, size, dict(hashes)), package, version)
+            except (TypeError, ValueError):  # a damaged memo: read the stanza
+                found = None
+            if found is not None and isinstance(path, str) and isinstance(size, int):
+                self.seen[key] = known
+                return found
+        entry = _package_entry(stanza, n, where, plain)
+        self.seen[key] = [entry.expected.path, entry.expected.size, entry.expected.hashes, entry.package, entry.version]
+        return entry
 
 
 def _entries(kind: str, stanza: bytes, n: int, where: str, plain: bool = False) -> Iterable[PoolFile]:

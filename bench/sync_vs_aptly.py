@@ -630,10 +630,14 @@ def machine() -> str:
     )  # fmt: skip
     mem = {line.split(":")[0]: line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()}
     aptly = subprocess.run(["aptly", "version"], capture_output=True, text=True).stdout.strip()
-    peers = subprocess.run([str(PEERS_VENV / "bin" / "apt-mirror"), "--version"], capture_output=True, text=True)
+    peers_bin = PEERS_VENV / "bin" / "apt-mirror"
+    peers = "not installed"
+    if peers_bin.exists():
+        run_peers = subprocess.run([str(peers_bin), "--version"], capture_output=True, text=True)
+        peers = run_peers.stdout.strip() or run_peers.stderr.strip()
     return (
         f"{os.cpu_count()} CPUs ({cpu}), {int(mem['MemTotal']) // 1024} MiB RAM, {int(mem['MemAvailable']) // 1024} MiB "
-        f"available; Python {platform.python_version()}; {aptly}; apt-mirror2 {peers.stdout.strip() or peers.stderr.strip()}"
+        f"available; Python {platform.python_version()}; {aptly}; apt-mirror2 {peers}"
     )
 
 

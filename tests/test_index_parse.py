@@ -90,3 +90,44 @@ def test_paths_the_fast_check_passes_are_the_ones_the_full_check_passes() -> Non
     for path in ["", "/a", "a//b", "a/./b", "./a", "a/..", "a\\b", "a/b c", "a/" + "x" * 1100, "a\nb"]:
         with pytest.raises(Rejected):
             verify.check_path(path, "w")
+
+
+def _read(data: bytes, memo: verify.ParseMemo | None) -> list[tuple[str, int, dict[str, str], str, str]]:
+    """read_index over an uncompressed Packages file, as a sync reads it."""
+    import io
+
+    entry = verify.Expected(
+        "dists/s/main/binary-amd64/Packages", len(data), {"sha256": hashlib.sha256(data).hexdigest()}
+    )
+    group = verify.IndexGroup("Packages", "main/binary-amd64/Packages", [entry], entry, "main/amd64")
+    found = verify.read_index(
+        group, [(entry, len(data), dict(entry.hashes))], lambda _e: io.BytesIO(data), 1 << 30, memo
+    )
+    assert found is not None
+    return [(e.expected.path, e.expected.size, e.expected.hashes, e.package, e.version) for e in found]
+
+
+def test_a_parse_memo_gives_exactly_what_parsing_gives_and_only_for_identical_stanzas() -> None:
+    first = _index(2000, seed=3)
+    memo = verify.ParseMemo()
+    assert _read(first, memo) == _read(first, None)
+    remembered = verify.ParseMemo.from_json(memo.to_json(keep_known=False))
+    assert len(remembered.known) == 2000
+    # A stanza remembered is taken from the memo (shown by a remembered reading altered on purpose)...
+    key = hashlib.sha256(next(verify.tagfile.stanzas(first))).hexdigest()
+    remembered.known[key] = [*remembered.known[key][:4], "remembered"]
+    second = first.replace(b"Size: ", b"Size:  ", 1)  # ...and a changed byte makes it parsed again
+    changed = _read(second, remembered)
+    assert changed[0][4] != "remembered" and changed == _read(second, None)
+    again = _read(first, remembered)
+    assert again[0][4] == "remembered" and again[1:] == _read(first, None)[1:]
+
+
+def test_a_damaged_parse_memo_is_read_past() -> None:
+    data = _index(50, seed=5)
+    memo = verify.ParseMemo()
+    _read(data, memo)
+    damaged = verify.ParseMemo.from_json({"format": 1, "stanzas": {k: ["x", "not a size", None, 1] for k in memo.seen}})
+    assert _read(data, damaged) == _read(data, None)
+    assert verify.ParseMemo.from_json({"format": 99, "stanzas": memo.seen}).known == {}
+    assert verify.ParseMemo.from_json(["not", "a", "memo"]).known == {}

@@ -284,3 +284,39 @@ def test_binary_all_is_fetched_only_when_apt_would_fetch_it(
     run = mirror.sync()
     assert run.returncode == 0 and "promoted" in run.stdout, run.output
     assert not any("/binary-all/" in p for p in up.requests[before:]), up.requests[before:]
+
+
+def test_an_incremental_sync_reading_with_its_parse_memo_stores_what_a_fresh_mirror_stores(
+    tmp_path: Path, keys: Callable[..., SigningKey], repo: Callable[..., Repo], serve
+) -> None:
+    """The second sync takes unchanged stanzas from the memo the first left: its snapshot lists
+    exactly the files, hashes and packages a mirror that never saw the first state lists."""
+    r = repo()
+    for name in ("alpha", "beta", "gamma"):
+        r.add("bookworm", "main", "amd64", name, "1.0")
+    r.publish("bookworm", [keys("upstream")])
+    up = serve(r)
+    keyring = write_keyring(tmp_path / "k.asc", [keys("upstream")])
+    seasoned = Mirror.single(tmp_path / "seasoned", up.url, keyring, name="d")
+    assert seasoned.sync().returncode == 0
+    memo = FileStore(seasoned.data).read_cache("d", "parse-memo")
+    assert isinstance(memo, dict) and len(memo["stanzas"]) == 3  # the fault would be real: a memo is kept
+    r.add("bookworm", "main", "amd64", "beta", "2.0")
+    r.add("bookworm", "main", "amd64", "delta", "1.0")
+    r.publish("bookworm", [keys("upstream")])
+    assert seasoned.sync().returncode == 0
+    fresh = Mirror.single(tmp_path / "fresh", up.url, keyring, name="d")
+    assert fresh.sync().returncode == 0
+
+    def listing(m: Mirror) -> tuple[dict[str, object], dict[str, object]]:
+        store = FileStore(m.data)
+        manifest = store.read_manifest("d", store.current("d") or "")
+        return {p: r for p, r in manifest.files.items() if p.startswith("pool/")}, manifest.packages
+
+    assert listing(seasoned) == listing(fresh)
+    assert sorted(listing(fresh)[1]["bookworm"]["main/amd64"].items()) == [
+        ("alpha", "1.0"),
+        ("beta", "2.0"),
+        ("delta", "1.0"),
+        ("gamma", "1.0"),
+    ]
