@@ -295,10 +295,13 @@ class FileStore:
             return 0
         listed: dict[str, set[str]] = {}
         for snap_id in self.snapshot_ids(name):
-            layout = self._layout(name, snap_id)
-            if layout.generation is not None:
-                paths = listed.setdefault(layout.generation, set())
-                paths.update(p for p in self.read_manifest(name, snap_id).files if layout.pooled(p))
+            try:
+                layout = self._layout(name, snap_id)
+                if layout.generation is not None:
+                    files = self.read_manifest(name, snap_id).files
+                    listed.setdefault(layout.generation, set()).update(p for p in files if layout.pooled(p))
+            except (OSError, ValueError, KeyError, TypeError):
+                return 0  # a snapshot whose files cannot be known (fsck names it): remove nothing
         gone = 0
         for generation in sorted(p.name for p in folder.iterdir()):
             keep = listed.get(generation)

@@ -276,3 +276,18 @@ def test_leases_are_one_writer_per_upstream(store: FileStore) -> None:
             waiting.wait(timeout=1.5)
     assert waiting.wait(timeout=30) == 0
     assert waiting.stdout is not None and waiting.stdout.read() == b"got\n"
+
+
+def test_pruning_removes_nothing_while_a_snapshot_cannot_be_read(store: FileStore) -> None:
+    """A damaged manifest (fsck's to name) hides which pool files its snapshot lists: keep them all."""
+    if store.__class__ is not FileStore:
+        pytest.skip("damaging a manifest needs the local layout")
+    first = _archive(5, "1")
+    base, _ = _commit(store, "S1", first)
+    second = {k: v for k, v in _archive(5, "2").items() if "pkg4" not in k}
+    _commit(store, "S2", second, base)
+    (store.root / "meta" / "up" / "S1.json").write_text("{damaged")
+    with pytest.raises(ValueError):
+        store.read_manifest("up", "S1")  # the damage is real
+    assert store.prune_pools("up") == 0
+    assert _served(store, "snapshot", ("up", "S1"), "pool/main/b/pkg4/pkg4_1.0_all.deb") == b"package 4"
