@@ -126,10 +126,10 @@ async def sync_upstream(
         store.collection_lock(exclusive=False, wait_message=f"{up.name}: waiting for a running gc to finish"),
         store.lease(up.name, wait_message=f"{up.name}: waiting for another aptguard process to finish"),
     ):
-        store.discard_leftovers(up.name)
         at = datetime.now(UTC)
         work: Path | None = None
         try:
+            store.discard_leftovers(up.name)
             work = store.work_dir(up.name)
             with Keyring(up.keyring, work / "gnupg") as keyring:
                 # One deadline for the whole sync and for every request (a request read in a worker
@@ -278,7 +278,10 @@ class _Sync:
                 step("commit")
                 if self.memo is not None:
                     reused = any(s.unchanged for s in suites)
-                    await asyncio.to_thread(store.write_cache, up.name, PARSE_MEMO, self.memo.to_json(reused))
+                    try:
+                        await asyncio.to_thread(store.write_cache, up.name, PARSE_MEMO, self.memo.to_json(reused))
+                    except OSError as exc:  # a cache: the next sync parses everything, nothing is lost
+                        self.log(f"{up.name}: parse memo not kept ({exc.strerror or exc})")
             except BaseException:
                 await asyncio.to_thread(builder.abort)
                 raise
