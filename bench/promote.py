@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/promote.py [--files 60000] [--runs 15] [--results bench/RESULTS.md]
 
-Builds a data folder with two committed snapshots (hard-link trees and manifests, written by
-store.py as a sync writes them), then times snapshot.promote in-process (the symlink swap,
+Builds a data folder with two committed snapshots (pool generations and manifests, written by
+store.py's snapshot builder as a sync writes them), then times snapshot.promote in-process (the symlink swap,
 state write and their fsyncs) and the `aptguard promote` command's wall time (Python start-up
 included), alternating between the two snapshots.
 """
@@ -40,10 +40,10 @@ def build(store: FileStore, files: int) -> list[str]:
         records[f"pool/main/p/pkg{i // 1000}/pkg{i}_1.0_amd64.deb"] = {"size": len(data), "sha256": sha}
     ids = []
     for snap_id in ("20260101T000000Z", "20260102T000000Z"):
-        tree = store.new_tree("bench", snap_id)
+        builder = store.new_snapshot("bench", snap_id, None)
         for rel, record in records.items():
-            tree.link(rel, record["sha256"])
-        tree.commit(
+            builder.add(rel, record["sha256"], pool=True)
+        builder.commit(
             Manifest.build(
                 id=snap_id,
                 upstream="bench",
@@ -53,7 +53,8 @@ def build(store: FileStore, files: int) -> list[str]:
                 files=records,
                 by_hash_own=[],
                 packages={},
-            )
+            ),
+            {},
         )
         ids.append(snap_id)
     return ids
