@@ -153,8 +153,9 @@ class Fetcher:
     ) -> Download | None:
         """Download `rel` into a temp file, hashing with `algos`; None when upstream says 404/410.
 
-        `light`: one of the few small files fetched before any bulk (InRelease, Release, Release.gpg),
-        fetched with the standard library in a thread so that an unchanged upstream costs no aiohttp.
+        `light`: a small file of a sync that fetches few (InRelease, Release, Release.gpg, a small
+        index, a handful of small packages), fetched with the standard library in a thread, the
+        body in memory, so that such a sync costs no aiohttp import; once aiohttp is in use, it is.
         Raises Rejected: `too-large` past `limit` bytes, `unreachable` after retries, when slower than
         `min_rate` or past the deadline, on a bad URL or redirect or a malformed response; `storage-error`.
         """
