@@ -611,8 +611,6 @@ _PKG_FIELD = re.compile(
 )
 _NO_COLON = re.compile(rb"\n[^ \t\n:][^:\n]*(?:\n|$)")  # a field line whose name would run on to the next line
 _WANTED = frozenset({b"package", b"version", b"filename", b"size", b"md5sum", b"sha1", b"sha256", b"sha512"})
-_LOWER = {name.capitalize(): name for name in _WANTED} | {b"MD5sum": b"md5sum", b"SHA256": b"sha256", b"SHA1": b"sha1"}
-_LOWER |= {b"SHA512": b"sha512", b"MD5Sum": b"md5sum"} | {name: name for name in _WANTED}
 
 
 def _plain(text: bytes) -> bool:
@@ -629,7 +627,7 @@ def _stanza_fields(stanza: bytes, plain: bool = False) -> dict[bytes, bytes]:
         for key, value, continued in _PKG_FIELD.findall(stanza):
             if continued:
                 break
-            fields[_LOWER.get(key) or key.lower()] = value.rstrip(tagfile.WHITESPACE)
+            fields[key.lower()] = value.rstrip(tagfile.WHITESPACE)
         else:
             return fields
     try:
@@ -650,8 +648,8 @@ def _package_entry(stanza: bytes, n: int, where: str, plain: bool = False) -> Po
     package_field = fields.get(b"package")
     if package_field is None:
         raise Rejected("index-mismatch", f"{where}: entry {n} has no Package field (apt refuses the whole index)")
-    package = package_field.decode("utf-8", "surrogateescape")
-    filename = fields.get(b"filename", b"").decode("utf-8", "surrogateescape")
+    package = _text(package_field)
+    filename = _text(fields.get(b"filename", b""))
     if not filename:
         raise Rejected("index-mismatch", f"{where}: entry {n} ({package[:80]!r}) has no Filename")
     check_path(filename, where)
@@ -662,14 +660,13 @@ def _package_entry(stanza: bytes, n: int, where: str, plain: bool = False) -> Po
     for key, algo in INDEX_HASHES.items():
         value = fields.get(key)
         if value is not None:
-            digest = value.decode("utf-8", "surrogateescape")
+            digest = _text(value)
             if len(digest) != HEX_LEN[algo] or not _HEX.fullmatch(digest):
                 raise Rejected("index-mismatch", f"{where}: {filename} has a malformed {algo} {digest[:80]!r}")
             hashes[algo] = digest
     if "sha256" not in hashes:
         raise Rejected("index-mismatch", f"{where}: {filename} has no SHA256 (no strong hash to verify)")
-    version = fields.get(b"version", b"").decode("utf-8", "surrogateescape")
-    return PoolFile(Expected(filename, size, hashes), package, version)
+    return PoolFile(Expected(filename, size, hashes), package, _text(fields.get(b"version", b"")))
 
 
 def packages_entries(text: str | bytes, where: str) -> Iterator[PoolFile]:
@@ -902,7 +899,8 @@ class ParseMemo:
     """Packages stanzas already read by earlier syncs of an upstream, by the SHA-256 of their bytes:
     a stanza byte for byte the same reads the same by apt's rules, so only what changed since is
     parsed (1 % of a Debian index a day). Kept by the store between syncs; `seen` is what this
-    sync met (stanza digest -> [Filename, Size, hashes, Package, Version])."""
+    sync met (stanza digest -> [Filename, Size, hashes, Package, Version]). FORMAT changes with
+    any change to how a Packages stanza is read: a memo of another format is not used."""
 
     FORMAT = 1
 
@@ -924,20 +922,28 @@ class ParseMemo:
         return {"format": self.FORMAT, "stanzas": stanzas}
 
     def entry(self, stanza: bytes, n: int, where: str, plain: bool) -> PoolFile:
+        """The pool file of a Packages stanza: remembered, or parsed (and remembered)."""
         key = hashlib.sha256(stanza).hexdigest()
         known = self.known.get(key)
-        if known is not None:
-            try:
-                path, size, hashes, package, version = known
-                found = PoolFile(Expected(path, size, dict(hashes)), package, version)
-            except (TypeError, ValueError):  # a damaged memo: read the stanza
-                found = None
-            if found is not None and isinstance(path, str) and isinstance(size, int):
-                self.seen[key] = known
-                return found
-        entry = _package_entry(stanza, n, where, plain)
-        self.seen[key] = [entry.expected.path, entry.expected.size, entry.expected.hashes, entry.package, entry.version]
-        return entry
+        found = _remembered(known, where) if known is not None else None
+        if found is None:
+            found = _package_entry(stanza, n, where, plain)
+            known = [found.expected.path, found.expected.size, found.expected.hashes, found.package, found.version]
+        self.seen[key] = known
+        return found
+
+
+def _remembered(known: Any, where: str) -> PoolFile | None:
+    """A remembered reading, if it is one this version wrote; its path is checked again, so a
+    damaged cache cannot name a path outside the repository."""
+    try:
+        path, size, hashes, package, version = known
+        if not (isinstance(path, str) and isinstance(size, int) and isinstance(hashes, dict) and "sha256" in hashes):
+            return None
+        check_path(path, where)
+        return PoolFile(Expected(path, size, dict(hashes)), str(package), str(version))
+    except (TypeError, ValueError, Rejected):
+        return None
 
 
 def _entries(kind: str, stanza: bytes, n: int, where: str, plain: bool = False) -> Iterable[PoolFile]:

@@ -129,5 +129,10 @@ def test_a_damaged_parse_memo_is_read_past() -> None:
     _read(data, memo)
     damaged = verify.ParseMemo.from_json({"format": 1, "stanzas": {k: ["x", "not a size", None, 1] for k in memo.seen}})
     assert _read(data, damaged) == _read(data, None)
+    # Well formed, but naming a path outside the repository: read past like any damage.
+    unsafe = verify.ParseMemo.from_json(
+        {"format": 1, "stanzas": {k: ["../../etc/passwd", *v[1:]] for k, v in memo.seen.items()}}
+    )
+    assert all(path.startswith("pool/") for path, *_ in _read(data, unsafe))
     assert verify.ParseMemo.from_json({"format": 99, "stanzas": memo.seen}).known == {}
     assert verify.ParseMemo.from_json(["not", "a", "memo"]).known == {}
