@@ -57,16 +57,15 @@ def upstream_names(config: Config, store: FileStore) -> list[str]:
     return sorted(set(config.upstreams) | set(store.upstreams()))
 
 
-def _referenced(store: FileStore, plans: dict[str, list[str]]) -> set[str]:
-    """SHA256 of every object a snapshot that stays names."""
+def _referenced(store: FileStore, snapshots: dict[str, list[str]]) -> set[str]:
+    """SHA256 of every object these snapshots' manifests name."""
     found: set[str] = set()
-    for name, going in plans.items():
-        for snap_id in store.snapshot_ids(name):
-            if snap_id not in going:
-                try:
-                    found.update(r["sha256"] for r in store.read_manifest(name, snap_id).files.values())
-                except (OSError, ValueError, KeyError):
-                    pass  # kept, and its objects too: the store never deletes an object a tree links
+    for name, ids in snapshots.items():
+        for snap_id in ids:
+            try:
+                found.update(r["sha256"] for r in store.read_manifest(name, snap_id).files.values())
+            except (OSError, ValueError, KeyError):
+                pass  # kept, and its objects too: the store never deletes an object a tree links
     return found
 
 
@@ -100,13 +99,16 @@ def collect(
                         "bytes": manifest.bytes,
                     }
                 )
-        unused = store.unreferenced(_referenced(store, plans))
+        staying = {name: [i for i in store.snapshot_ids(name) if i not in plans[name]] for name in plans}
+        referenced = _referenced(store, staying)
+        unused = store.unreferenced(referenced)
         report["objects"], report["bytes"] = len(unused), sum(size for _sha, size in unused)
         if dry_run:
             return report
         for label in found:
             log(f"gc: discarding {label} (left by an interrupted run)")
         store.discard(found)
+        kept_meanwhile: dict[str, list[str]] = {}
         for name, going in plans.items():
             # Under the upstream's lease: a promote, rollback or pin decided meanwhile is honoured.
             with store.lease(name, wait_message=f"gc: waiting for another aptguard process on {name}"):
@@ -116,12 +118,14 @@ def collect(
                         log(f"gc: removing snapshot {name}/{snap_id}")
                         store.remove_snapshot(name, snap_id)
                     else:
+                        kept_meanwhile.setdefault(name, []).append(snap_id)
                         report["kept"][name][snap_id] = kept.get(snap_id, ["referenced meanwhile"])
                         report["removed"] = [
                             r for r in report["removed"] if (r["upstream"], r["id"]) != (name, snap_id)
                         ]
                 store.prune_pools(name)
-        # Again: a snapshot kept meanwhile keeps its objects.
-        unused = store.unreferenced(_referenced(store, {name: [] for name in plans}))
+        if kept_meanwhile:  # no sync runs under the collection lock: only these joined the kept ones
+            referenced |= _referenced(store, kept_meanwhile)
+            unused = [(sha, size) for sha, size in unused if sha not in referenced]
         report["objects"], report["bytes"] = store.delete_objects(unused)
     return report

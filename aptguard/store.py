@@ -110,6 +110,7 @@ class FileStore:
         self.root = Path(data_dir)
         self._objects = self.root / "objects"
         self._tmp = self.root / "tmp"
+        self._roots: tuple[str, str] | None = None  # served_file's real snapshots/ and pools/
 
     def __repr__(self) -> str:
         return f"the data folder {self.root}"
@@ -497,20 +498,30 @@ class FileStore:
         else:
             base = self._tree(*key)
         tree = os.path.realpath(base)
-        rel = os.path.relpath(tree, os.path.realpath(self.root / "snapshots")).split(os.sep)
+        snapshots, pools = self._real_roots()
+        rel = os.path.relpath(tree, snapshots).split(os.sep)
         if len(rel) != 2 or rel[0] in ("..", "."):
             return None
         wanted = os.path.join(tree, *parts)
         if os.path.realpath(wanted) == wanted and os.path.isfile(wanted):
             return wanted
         pool = os.path.realpath(os.path.join(tree, ".pool"))
-        inside = os.path.relpath(pool, os.path.realpath(self.root / "pools" / rel[0])).split(os.sep)
+        inside = os.path.relpath(pool, os.path.join(pools, rel[0])).split(os.sep)
         if len(inside) != 1 or inside[0] in ("..", "."):
             return None
         wanted = os.path.join(pool, *parts)
         if os.path.realpath(wanted) == wanted and os.path.isfile(wanted):
             return wanted
         return None
+
+    def _real_roots(self) -> tuple[str, str]:
+        """The real paths of snapshots/ and pools/, resolved once they exist (not on every request)."""
+        if self._roots is None:
+            found = (os.path.realpath(self.root / "snapshots"), os.path.realpath(self.root / "pools"))
+            if not os.path.isdir(found[0]):
+                return found
+            self._roots = found
+        return self._roots
 
     def nginx_roots(self) -> dict[str, Path]:
         """The folders nginx serves /snapshots/, /pins/ and /NAME/ from."""
@@ -667,12 +678,7 @@ class SnapshotBuilder:
             self.store.put_bytes(data, sha256)
             return
         tree = self.store.root / "pools" / self.name / self.snap_id
-        parent = os.path.dirname(path)
-        if parent not in self._early_dirs:
-            made = _makedirs(tree / parent)
-            with self._lock:
-                self.written += made
-                self._early_dirs.add(parent)
+        self._parent(tree, path, self._early_dirs)
         dest = tree / path
         try:
             _write_new(dest, data)
@@ -778,15 +784,19 @@ class SnapshotBuilder:
             self._added.append(path)
         return True
 
-    def _link(self, tree: Path, path: str, sha256: str, dirs: set[str]) -> None:
-        """Hard-link an object at `path` of `tree`."""
-        dest = tree / path
+    def _parent(self, tree: Path, path: str, dirs: set[str]) -> None:
+        """Make the folder of `path` in `tree` (once: `dirs` holds the folders made so far)."""
         parent = os.path.dirname(path)
         if parent not in dirs:
             made = _makedirs(tree / parent)
             with self._lock:
                 self.written += made
                 dirs.add(parent)
+
+    def _link(self, tree: Path, path: str, sha256: str, dirs: set[str]) -> None:
+        """Hard-link an object at `path` of `tree`."""
+        dest = tree / path
+        self._parent(tree, path, dirs)
         source = self.store._object(sha256)
         try:
             os.link(source, dest)

@@ -280,15 +280,15 @@ class _Sync:
                 manifest, own_by_hash = self._build(snap_id, files, suite_meta, packages, plan)
                 written = await asyncio.to_thread(self._commit, builder, manifest, files, own_by_hash)
                 step("commit")
-                if self.memo is not None:
-                    reused = any(s.unchanged for s in suites)
-                    try:
-                        await asyncio.to_thread(store.write_cache, up.name, PARSE_MEMO, self.memo.to_json(reused))
-                    except OSError as exc:  # a cache: the next sync parses everything, nothing is lost
-                        self.log(f"{up.name}: parse memo not kept ({exc.strerror or exc})")
             except BaseException:
                 await asyncio.to_thread(builder.abort)
                 raise
+        if self.memo is not None:
+            try:
+                memo = self.memo.to_json(keep_known=any(s.unchanged for s in suites))
+                await asyncio.to_thread(store.write_cache, up.name, PARSE_MEMO, memo)
+            except OSError as exc:  # a cache: the next sync parses everything, nothing is lost
+                self.log(f"{up.name}: parse memo not kept ({exc.strerror or exc})")
         old_packages = plan.current.packages if plan.current is not None else {}
         stats = {
             "keys": keys,
