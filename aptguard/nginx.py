@@ -85,59 +85,44 @@ SERVER = r"""    server {
 
         # A path is the snapshot's own tree's file, else its pool generation's (`.pool`): no
         # symlink is followed below the pointer or `.pool` (`disable_symlinks on from=`).
-        location ~ "^/snapshots/(?<ag_name>[A-Za-z0-9_+~:%@=,-][^/]*)/(?<ag_id>[A-Za-z0-9_+~:%@=,-][^/]*)/(?<ag_tail>[^/].*)$" {
-            alias @SNAPSHOTS@/$ag_name/$ag_id/$ag_tail;
-            disable_symlinks on from=@SNAPSHOTS@;
-            error_page 403 404 = @ag_snapshot_pool;
-            if (-d $request_filename) {
-                return 404;
-            }
-        }
-        location @ag_snapshot_pool {
-            root @SNAPSHOTS@/$ag_name/$ag_id/.pool;
-            rewrite ^ /$ag_tail break;
-            disable_symlinks on from=@SNAPSHOTS@/$ag_name/$ag_id/.pool;
-            if (-d $request_filename) {
-                return 404;
-            }
-        }
-        location ~ "^/pins/(?<ag_pin>[A-Za-z0-9_+~:%@=,-][^/]*)/(?<ag_tail>[^/].*)$" {
-            alias @PINS@/$ag_pin/$ag_tail;
-            disable_symlinks on from=@PINS@/$ag_pin;
-            error_page 403 404 = @ag_pin_pool;
-            if (-d $request_filename) {
-                return 404;
-            }
-        }
-        location @ag_pin_pool {
-            root @PINS@/$ag_pin/.pool;
-            rewrite ^ /$ag_tail break;
-            disable_symlinks on from=@PINS@/$ag_pin/.pool;
-            if (-d $request_filename) {
-                return 404;
-            }
-        }
-        location ~ "^/(?<ag_name>[A-Za-z0-9_+~:%@=,-][^/]*)/(?<ag_tail>[^/].*)$" {
-            alias @CURRENT@/$ag_name/$ag_tail;
-            disable_symlinks on from=@CURRENT@/$ag_name;
-            error_page 403 404 = @ag_current_pool;
-            if (-d $request_filename) {
-                return 404;
-            }
-        }
-        location @ag_current_pool {
-            root @CURRENT@/$ag_name/.pool;
-            rewrite ^ /$ag_tail break;
-            disable_symlinks on from=@CURRENT@/$ag_name/.pool;
-            if (-d $request_filename) {
-                return 404;
-            }
-        }
-        location / {
+@ROUTES@        location / {
             return 404;
         }
     }
 """
+
+# One route per URL kind: the snapshot's own tree, then (named location) its pool generation.
+ROUTE = r"""        location ~ "^/@PREFIX@(?<ag_tail>[^/].*)$" {
+            alias @TREE@/$ag_tail;
+            disable_symlinks on from=@FROM@;
+            error_page 403 404 = @ag_@KIND@_pool;
+            if (-d $request_filename) {
+                return 404;
+            }
+        }
+        location @ag_@KIND@_pool {
+            root @TREE@/.pool;
+            rewrite ^ /$ag_tail break;
+            disable_symlinks on from=@TREE@/.pool;
+            if (-d $request_filename) {
+                return 404;
+            }
+        }
+"""
+_WORD = "[A-Za-z0-9_+~:%@=,-][^/]*"
+# (kind, URL prefix, the snapshot tree it names, where symlink checks start)
+_ROUTES = (
+    ("snapshot", f"snapshots/(?<ag_name>{_WORD})/(?<ag_id>{_WORD})/", "@SNAPSHOTS@/$ag_name/$ag_id", "@SNAPSHOTS@"),
+    ("pin", f"pins/(?<ag_pin>{_WORD})/", "@PINS@/$ag_pin", "@PINS@/$ag_pin"),
+    ("current", f"(?<ag_name>{_WORD})/", "@CURRENT@/$ag_name", "@CURRENT@/$ag_name"),
+)
+SERVER = SERVER.replace(
+    "@ROUTES@",
+    "".join(
+        ROUTE.replace("@KIND@", kind).replace("@TREE@", tree).replace("@FROM@", start).replace("@PREFIX@", prefix)
+        for kind, prefix, tree, start in _ROUTES
+    ),
+)
 
 
 def render(
