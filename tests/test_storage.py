@@ -225,7 +225,9 @@ def test_pointers_change_by_compare_and_swap(store: FileStore) -> None:
 
 
 @pytest.mark.parametrize("plant", ["own tree", "pool generation"])
-def test_a_planted_link_is_never_followed_and_fsck_names_it(store: FileStore, tmp_path: Path, plant: str) -> None:
+def test_a_planted_link_is_never_followed_and_fsck_names_one_in_the_own_tree(
+    store: FileStore, tmp_path: Path, plant: str
+) -> None:
     """Links that are not the snapshot's own: the filesystem backend's layout is used to plant them."""
     if store.__class__ is not FileStore:
         pytest.skip("planting needs the local layout")
@@ -246,7 +248,7 @@ def test_a_planted_link_is_never_followed_and_fsck_names_it(store: FileStore, tm
         ]
 
 
-def test_fsck_words_name_a_file_added_after_verification(store: FileStore) -> None:
+def test_fsck_words_find_each_file_and_name_one_added_after_verification(store: FileStore) -> None:
     archive = _archive(3)
     manifest, _ = _commit(store, "S1", archive)
     found = store.stored_file("up", "S1", "pool/main/a/pkg0/pkg0_1.0_all.deb")
@@ -255,6 +257,12 @@ def test_fsck_words_name_a_file_added_after_verification(store: FileStore) -> No
         assert handle.read() == b"package 0"
     assert store.stored_file("up", "S1", "pool/main/a/none.deb") == "missing (listed in the manifest)"
     assert list(store.unlisted("up", "S1", manifest.files)) == []
+    if store.__class__ is not FileStore:
+        return  # adding a file behind the store's back needs the local layout
+    (store.root / "snapshots" / "up" / "S1" / "dists" / "stable" / "extra").write_bytes(b"added")
+    assert list(store.unlisted("up", "S1", manifest.files)) == [
+        ("snapshots/up/S1/dists/stable/extra", "not in the snapshot's manifest (added after verification)")
+    ]
 
 
 def test_leases_are_one_writer_per_upstream(store: FileStore) -> None:
