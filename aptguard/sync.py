@@ -22,7 +22,7 @@ from typing import Any
 from aptguard import verify
 from aptguard.config import Limits, UpstreamConfig
 from aptguard.diff import compare, count_lines
-from aptguard.fetch import Download, Fetcher
+from aptguard.fetch import Download, Fetcher, preload
 from aptguard.keyring import Keyring
 from aptguard.progress import Progress
 from aptguard.reasons import Rejected
@@ -134,6 +134,8 @@ async def sync_upstream(
         work: Path | None = None
         try:
             store.discard_leftovers(up.name)
+            if not store.snapshot_ids(up.name):
+                preload()
             work = store.work_dir(up.name)
             with Keyring(up.keyring, work / "gnupg") as keyring:
                 # One deadline for the whole sync and for every request (a request read in a worker
