@@ -639,6 +639,7 @@ class SnapshotBuilder:
         self._generation = snap_id if self._fresh else (base_generation or "")
         self._early: set[str] = set()
         self._early_dirs: set[str] = set()
+        self._fresh_tree = f"{store.root}/pools/{name}/{snap_id}"  # the generation of its own, when _fresh
         self._lock = threading.Lock()
 
     def add(self, path: str, sha256: str, *, pool: bool | None) -> None:
@@ -667,7 +668,7 @@ class SnapshotBuilder:
         """Verified bytes of a pool file: stored as an object and added at `path`. In a generation
         of its own the file is written where it is served and the object is a link to it: two
         filesystem entries instead of three (a cold sync of 60,000 small files is bound by them)."""
-        object_path = self.store._object(sha256)
+        object_path = f"{self.store._objects}/{sha256[:2]}/{sha256}"
         with self._lock:
             early = self._fresh and path not in self._early
             if early:
@@ -677,9 +678,12 @@ class SnapshotBuilder:
         if not early:
             self.store.put_bytes(data, sha256)
             return
-        tree = self.store.root / "pools" / self.name / self.snap_id
-        self._parent(tree, path, self._early_dirs)
-        dest = tree / path
+        # Strings, not Paths, from here: this runs once per file of a cold sync, in worker
+        # threads that share the GIL with the event loop (pathlib built 7 Paths a file).
+        parent = os.path.dirname(path)
+        if parent not in self._early_dirs:
+            self._parent(Path(self._fresh_tree), path, self._early_dirs)
+        dest = f"{self._fresh_tree}/{path}"
         try:
             _write_new(dest, data)
         except (FileExistsError, NotADirectoryError, IsADirectoryError):
@@ -690,7 +694,7 @@ class SnapshotBuilder:
         try:
             os.link(dest, object_path)
         except FileExistsError:  # already stored (or by a twin path meanwhile): share its inode
-            tmp_link = dest.with_name(f".{dest.name}.{threading.get_ident()}")
+            tmp_link = f"{os.path.dirname(dest)}/.{os.path.basename(dest)}.{threading.get_ident()}"
             os.link(object_path, tmp_link)
             os.rename(tmp_link, dest)
         with self._lock:
@@ -819,11 +823,15 @@ def _pool_link(name: str, generation: str) -> str:
     return f"../../../pools/{name}/{generation}"
 
 
-def _write_new(path: Path, data: bytes) -> None:
+def _write_new(path: Path | str, data: bytes) -> None:
     """Create a read-only file that did not exist, with `data`."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
-    with open(fd, "wb") as out:
-        out.write(data)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
 
 
 def _makedirs(folder: Path) -> int:
