@@ -187,7 +187,11 @@ def _json_result(r: Any) -> None:
         "reason": r.reason,
         "detail": r.detail,
         "snapshot": r.snapshot,
-        **{k: v for k, v in r.stats.items() if k in ("files", "bytes", "downloaded", "seconds", "written", "steps")},
+        **{
+            k: v
+            for k, v in r.stats.items()
+            if k in ("files", "bytes", "downloaded", "seconds", "written", "pool_processes", "steps")
+        },
     }
     if r.outcome in ("promoted", "stored") and r.snapshot:
         record["changes"] = r.stats.get("changes", [])

@@ -145,6 +145,23 @@ class Fetcher:
         self._session: aiohttp.ClientSession | None = None
         self.requests = 0
 
+    def sibling(self, *, on_bytes: Callable[[int], None] | None) -> Fetcher:
+        """A fetcher with the same settings and its own connections and counters (for the
+        sync's twin process, which must not touch its parent's sockets)."""
+        return Fetcher(
+            self.base_url,
+            self.tmp_dir,
+            concurrency=self.concurrency,
+            attempts=self.attempts,
+            backoff=self.backoff,
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            on_bytes=on_bytes,
+            min_rate=self.min_rate,
+            rate_window=self.rate_window,
+            deadline=self.deadline,
+        )
+
     async def __aenter__(self) -> Fetcher:
         return self
 

@@ -700,6 +700,25 @@ class SnapshotBuilder:
         with self._lock:
             self.written += 2
 
+    def placed(self, path: str) -> bool:
+        """Whether the pool file `path` is already where it is served (in a generation of its own)."""
+        with self._lock:
+            return path in self._early
+
+    def stored_elsewhere(self, path: str, sha256: str, *, placed: bool) -> None:
+        """A pool file that another process (the sync's twin, twin.py) stored through its copy
+        of this builder: `placed` as that copy's placed(path) said."""
+        with self._lock:
+            self.files[path] = sha256
+            self.pool.add(path)
+            if placed:
+                self._early.add(path)
+
+    def count_written(self, entries: int) -> None:
+        """Filesystem entries another process created for this snapshot."""
+        with self._lock:
+            self.written += entries
+
     def commit(self, manifest: Manifest, by_hash: dict[str, FileRecord]) -> None:
         """Link the pool files into the generation, build the own tree, flush, write the
         manifest and its side files, then rename the tree into place."""
