@@ -220,20 +220,43 @@ class Fetcher:
         return _Pace(url, self.min_rate, self.rate_window, self.deadline)
 
     async def _watched(self, url: str, rel: str, limit: int, algos: tuple[str, ...]) -> Download | None:
-        """One attempt with aiohttp, cancelled as soon as its pace fails: connecting, waiting for
-        headers and receiving the body alike (a trickle never lets sock_read time out)."""
+        """One attempt with aiohttp, cut as soon as its pace fails: connecting, waiting for
+        headers and receiving the body alike (a trickle never lets sock_read time out).
+
+        A timer asks the pace every pause() seconds; a failing pace cancels this task, and the
+        cancellation becomes the pace's verdict, as asyncio.timeout turns its own into a
+        TimeoutError (a task and asyncio.wait per request cost 40 us more: 2 s of a cold sync of
+        60,000 files)."""
         pace = self._pace(url)
-        attempt = asyncio.ensure_future(self._once(url, rel, limit, algos, pace))
+        wait = pace.pause()
+        if wait is None:
+            return await self._once(url, rel, limit, algos, pace)
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        cut: list[Rejected] = []
+
+        def tick() -> None:
+            nonlocal timer
+            verdict = pace.verdict()
+            if verdict is not None:
+                cut.append(verdict)
+                task.cancel()
+                return
+            timer = loop.call_later(pace.pause() or 0.0, tick)
+
+        timer = loop.call_later(wait, tick)
         try:
-            while True:
-                done, _ = await asyncio.wait({attempt}, timeout=pace.pause())
-                if done:
-                    return attempt.result()
-                pace.check()
+            result = await self._once(url, rel, limit, algos, pace)
+        except asyncio.CancelledError:
+            if cut and task.uncancel() == 0:
+                raise cut[0] from None
+            raise
         finally:
-            if not attempt.done():
-                attempt.cancel()
-                await asyncio.gather(attempt, return_exceptions=True)
+            timer.cancel()
+        if cut:  # cut as the attempt ended, which kept the cancellation to itself: its result stands
+            task.uncancel()
+        return result
 
     async def _once(self, url: str, rel: str, limit: int, algos: tuple[str, ...], pace: _Pace) -> Download | None:
         import aiohttp
