@@ -582,7 +582,12 @@ class _Sync:
 
         theirs, ours = missing[1::2], missing[0::2]
         share = self.concurrency // 2
-        twin = Twin.start(lambda send: self._twin_job(fetcher, theirs, builder, share, send))
+        try:
+            twin = Twin.start(lambda send: self._twin_job(fetcher, theirs, builder, share, send))
+        except OSError as exc:  # no process to spare (EAGAIN, ENOMEM): this one fetches it all
+            self.log(f"{self.up.name}: no twin process ({exc.strerror or exc}); fetching the pool in one")
+            await self._fetch_and_store(fetcher, missing, builder, self.concurrency, stored)
+            return
         self.pool_processes = 2
         try:
             await _gather(
