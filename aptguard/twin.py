@@ -41,6 +41,7 @@ class Twin:
         self.pid = pid
         self._read = os.fdopen(read_fd, "rb", buffering=0)
         self.status: int | None = None  # once reaped
+        self._reading = False  # messages() has the pipe (and closes it)
 
     @classmethod
     def start(cls, job: Callable[[Send], None]) -> Twin:
@@ -56,6 +57,10 @@ class Twin:
                 # why this one is taken where it is safe.
                 warnings.simplefilter("ignore", DeprecationWarning)
                 pid = os.fork()
+        except OSError:
+            os.close(read_fd)
+            os.close(write_fd)
+            raise
         finally:
             if os.getpid() == parent:
                 gc.unfreeze()
@@ -89,6 +94,7 @@ class Twin:
 
     async def messages(self) -> AsyncIterator[dict[str, Any]]:
         """What the twin sends, until it closes the pipe (it ended, or it was killed)."""
+        self._reading = True
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=1 << 24)
         transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), self._read)
@@ -106,6 +112,8 @@ class Twin:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
             self._reap()
+        if not self._reading:
+            self._read.close()
         assert self.status is not None
         return self.status
 
