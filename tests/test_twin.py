@@ -82,9 +82,12 @@ def bulk(tmp_path: Path, keys: Callable[..., SigningKey], repo: Callable[..., Re
 
 
 def _twin_of(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
-    """The pid of the forked twin of sync process `proc` (a child running the same command line)."""
+    """The pid of the forked twin of sync process `proc`: a child running the same command line
+    (the one it was started with: its own /proc cmdline reads empty until exec has finished, as
+    does a child's that has exited) with a thread of its own besides (a child about to exec
+    gpgv has the same command line, and one thread)."""
     pid = proc.pid
-    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    cmdline = b"".join(os.fsencode(arg) + b"\0" for arg in proc.args)  # type: ignore[union-attr]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"sync {pid} ended (exit {proc.returncode}) without a twin"
@@ -94,7 +97,9 @@ def _twin_of(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
             try:
                 ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
                 if ppid == pid and (entry / "cmdline").read_bytes() == cmdline:
-                    return int(entry.name)
+                    threads = int((entry / "status").read_text().split("Threads:", 1)[1].split()[0])
+                    if threads > 1:
+                        return int(entry.name)
             except (OSError, IndexError, ValueError):
                 continue
         time.sleep(0.02)
