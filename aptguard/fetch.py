@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hashlib
 import importlib
 import io
@@ -148,19 +149,13 @@ class Fetcher:
     def sibling(self, *, on_bytes: Callable[[int], None] | None) -> Fetcher:
         """A fetcher with the same settings and its own connections and counters (for the
         sync's twin process, which must not touch its parent's sockets)."""
-        return Fetcher(
-            self.base_url,
-            self.tmp_dir,
-            concurrency=self.concurrency,
-            attempts=self.attempts,
-            backoff=self.backoff,
-            connect_timeout=self.connect_timeout,
-            read_timeout=self.read_timeout,
-            on_bytes=on_bytes,
-            min_rate=self.min_rate,
-            rate_window=self.rate_window,
-            deadline=self.deadline,
-        )
+        twin = copy.copy(self)
+        twin.on_bytes = on_bytes
+        twin._slots = asyncio.Semaphore(self.concurrency)
+        twin._names = itertools.count()
+        twin._session = None
+        twin.requests = 0
+        return twin
 
     async def __aenter__(self) -> Fetcher:
         return self
