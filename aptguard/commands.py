@@ -6,6 +6,7 @@ options are declared here too, so that help, errors and every other spelling are
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -54,9 +55,13 @@ def sync(
 def serve(
     ctx: typer.Context,
     listen: Annotated[str | None, typer.Option("--listen", help="HOST:PORT (default: [server] listen)")] = None,
+    workers: Annotated[
+        int, typer.Option("--workers", min=1, max=256, help="processes sharing the port (one per CPU is a start)")
+    ] = 1,
 ) -> None:
     """Serve current snapshots, snapshots, pins, /status and / over HTTP."""
-    from aptguard.serve import run
+    import shutil
+    import tempfile
 
     config, store = _load(ctx)
     try:
@@ -64,7 +69,20 @@ def serve(
     except UsageError as exc:
         _fail(str(exc))
     store.ensure()
-    run(config, store, host, port)
+    shared = None
+    if workers > 1:  # before prometheus_client is imported: it picks its mode then (metrics.py)
+        shared = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="aptguard-metrics-")
+    try:
+        from aptguard.serve import listen, run
+
+        try:
+            sockets = listen(host, port, workers)
+        except OSError as exc:
+            _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --listen or [server] listen")
+        run(config, store, sockets)
+    finally:
+        if shared:
+            shutil.rmtree(shared, ignore_errors=True)
 
 
 @app.command()

@@ -4,11 +4,17 @@ Upstream metrics are read at scrape time from the same place `status` reads (sta
 the current snapshot's summary, the keyring expiry recorded by the last sync), so they speak
 the reason codes of reasons.py and stay right across restarts. Sync outcome counters are
 persisted by sync.py in the state file (`outcomes`), so they count every run, not only the
-runs this process saw. Request counters are per server process.
+runs this process saw.
+
+Request counters count every response of the server. With `serve --workers N` the workers
+share them through prometheus_client's multiprocess mode: `serve` sets PROMETHEUS_MULTIPROC_DIR
+(a private folder, removed when the server stops) before this module is imported, each worker
+writes its counts there, and a scrape, whichever worker answers it, sums them all.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +25,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from aptguard import summary
@@ -45,24 +52,25 @@ class ServerMetrics:
             "Response body bytes sent by this server (as declared by Content-Length)",
             registry=self.registry,
         )
+        self._children: dict[tuple[str, int], Any] = {}  # labels() looks up and locks per call
         self.upstreams: UpstreamCollector | None = None
         self.lock = threading.Lock()  # two scrapes at once must not both register the collector
+        self.shared = multiprocess_dir()
 
-
-SERVER_KEY = web.AppKey("aptguard_metrics", ServerMetrics)
-
-
-def instrument(app: web.Application) -> None:
-    """Count every response of `app` (file, 304, 404, 416, ...) when its headers go out."""
-    server = ServerMetrics()
-    app[SERVER_KEY] = server
-
-    async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
-        server.requests.labels(request.method, str(response.status)).inc()
+    def count(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
+        """Count a response that has gone out (file, 304, 404, 416, ...)."""
+        key = (request.method, response.status)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.requests.labels(request.method, str(response.status))
+        child.inc()
         if request.method != "HEAD" and response.content_length:
-            server.sent.inc(response.content_length)
+            self.sent.inc(response.content_length)
 
-    app.on_response_prepare.append(on_prepare)
+
+def multiprocess_dir() -> str | None:
+    """The folder the workers of one `serve --workers N` share their counters in, if any."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
 def _ts(when: str | None) -> float | None:
@@ -184,5 +192,8 @@ def exposition(config: Config, store: FileStore, server: ServerMetrics) -> tuple
     with server.lock:
         if server.upstreams is None:
             server.upstreams = UpstreamCollector(config, store)
+            if server.shared:  # every worker's request counters, summed, instead of this one's
+                server.registry = CollectorRegistry()
+                MultiProcessCollector(server.registry, path=server.shared)
             server.registry.register(server.upstreams)
     return generate_latest(server.registry), CONTENT_TYPE_LATEST

@@ -7,10 +7,14 @@
 
 Every served path is a regular file of one snapshot, as the store resolves it
 (FileStore.served_file: no link followed but the snapshot's own); anything else
-is a 404 (apt falls back from InRelease to Release only on a 404). Files go out with
-sendfile (aiohttp's FileResponse: GET, HEAD, Range, ETag, Last-Modified, 304), never read
-into memory, and never swapped for a pre-compressed sibling: what upstream signed is what
-is sent.
+is a 404 (apt falls back from InRelease to Release only on a 404). The common request (a
+plain or conditional GET or HEAD of a file up to SMALL_FILE) is answered on the event loop
+from memory (QuickFiles); ranges and larger files go through aiohttp's FileResponse. Neither
+ever swaps a file for a pre-compressed sibling: what upstream signed is what is sent.
+
+The fleet's server must be fast (issue 10: InRelease at 0.3x nginx's requests/s or better):
+one handler routes without aiohttp's router, middleware or signals, the loop is uvloop's, and
+`--workers N` runs N processes, each accepting on its own SO_REUSEPORT socket (Workers).
 
 `aptguard nginx-config` renders an nginx config (example: nginx/aptguard.conf) serving the same URLs from the same folder for production; see
 the README, "Serving a fleet".
@@ -29,15 +33,22 @@ to the hard limit at start, so the bound is reached long before the file limit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import re
 import resource
 import signal
+import socket
+import sys
+import time
+import traceback
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
+import uvloop
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger, AbstractStreamWriter
 from multidict import CIMultiDict
@@ -46,10 +57,13 @@ from aptguard import metrics, page, summary
 from aptguard.config import Config
 from aptguard.status import status
 from aptguard.store import FileStore
+from aptguard.twin import die_with_parent
 
 HEADER_TIMEOUT = 10.0  # a request's headers, from the connection's start or the request's first byte
 IDLE_TIMEOUT = 15.0  # a kept-alive connection waiting for its next request
 MAX_CONNECTIONS = 1000  # open client connections (fewer if the open-files limit is low)
+SMALL_FILE = 1 << 20  # files up to this size are answered from memory once read (indices, InRelease)
+BODY_CACHE = 64 << 20  # bytes of small files kept in memory per server process
 _T = TypeVar("_T")
 
 # One path word: what verify.check_path lets into a snapshot, minus a leading dot.
@@ -90,33 +104,159 @@ def _not_found() -> web.Response:
     return web.Response(status=404, text=_NOT_FOUND)
 
 
-class Mirror:
-    """Maps URLs to files of the data folder, refusing every path that leaves a snapshot."""
+# Requests the quick path leaves to FileResponse (ranges and preconditions: rare, and subtle).
+_FILE_RESPONSE_HEADERS = (hdrs.RANGE, hdrs.IF_RANGE, hdrs.IF_MATCH, hdrs.IF_UNMODIFIED_SINCE)
+_OCTETS = "application/octet-stream"  # as nginx/aptguard.conf sends every file
 
-    def __init__(self, config: Config, store: FileStore) -> None:
+
+class _Known:
+    """What the quick path keeps of one file: its identity, validators and, when small, its bytes."""
+
+    __slots__ = ("identity", "etag", "mtime", "headers", "body")
+
+    def __init__(self, st: os.stat_result, body: bytes | None) -> None:
+        self.identity = (st.st_ino, st.st_mtime_ns, st.st_size)
+        self.etag = f"{st.st_mtime_ns:x}-{st.st_size:x}"  # FileResponse's, so both paths agree
+        self.mtime = st.st_mtime
+        probe = web.StreamResponse()
+        probe.last_modified = st.st_mtime
+        self.headers = {
+            hdrs.CONTENT_TYPE: _OCTETS,
+            hdrs.ETAG: f'"{self.etag}"',
+            hdrs.LAST_MODIFIED: probe.headers[hdrs.LAST_MODIFIED],
+            hdrs.ACCEPT_RANGES: "bytes",
+        }
+        self.body = body
+
+
+class QuickFiles:
+    """Answers the common request for a snapshot file on the event loop, without a thread hop.
+
+    A plain GET or HEAD, or one with If-None-Match or If-Modified-Since (apt's update), is
+    answered here: a 304, or the bytes of a small file from memory. Every answer starts with a
+    stat of the file, and what is remembered of it counts only while its inode, mtime and size
+    are the same, so a file gc removed or anything else replaced is never answered from memory.
+    A small file is read once, in a thread; larger files and ranges go out with sendfile.
+    """
+
+    def __init__(self, budget: int = BODY_CACHE) -> None:
+        self.budget = budget
+        self.used = 0
+        self.known: OrderedDict[str, _Known] = OrderedDict()  # least recently used first
+
+    async def answer(self, request: web.BaseRequest, path: str) -> web.StreamResponse | None:
+        """The response, or None when FileResponse must answer (a range, a large file)."""
+        headers = request.headers
+        if any(name in headers for name in _FILE_RESPONSE_HEADERS):
+            return None
+        try:
+            st = os.stat(path)
+        except OSError:
+            return _not_found()
+        known = self.known.get(path)
+        if known is None or known.identity != (st.st_ino, st.st_mtime_ns, st.st_size):
+            known = self._remember(path, _Known(st, None))
+        else:
+            self.known.move_to_end(path)
+        if hdrs.IF_NONE_MATCH in headers:
+            tags = request.if_none_match or ()
+            if any(tag.value in (known.etag, "*") for tag in tags):
+                return self._not_modified(known)
+        elif hdrs.IF_MODIFIED_SINCE in headers:
+            since = request.if_modified_since
+            if since is not None and known.mtime <= since.timestamp():
+                return self._not_modified(known)
+        if st.st_size > SMALL_FILE:
+            return None
+        if known.body is None:
+            body = await asyncio.get_running_loop().run_in_executor(None, _read_if_same, path, known.identity)
+            if body is None:
+                return None  # changed under us: FileResponse answers with what is there now
+            if known.body is None and self.known.get(path) is known:  # not read by another request meanwhile
+                known.body = body
+                self.used += len(body)
+                self._trim()
+            return web.Response(body=body, headers=known.headers)
+        return web.Response(body=known.body, headers=known.headers)
+
+    @staticmethod
+    def _not_modified(known: _Known) -> web.Response:
+        return web.Response(
+            status=304,
+            headers={hdrs.ETAG: known.headers[hdrs.ETAG], hdrs.LAST_MODIFIED: known.headers[hdrs.LAST_MODIFIED]},
+        )
+
+    def _remember(self, path: str, known: _Known) -> _Known:
+        old = self.known.pop(path, None)
+        if old is not None and old.body is not None:
+            self.used -= len(old.body)
+        self.known[path] = known
+        self.used += 256  # the entry itself
+        self._trim()
+        return known
+
+    def _trim(self) -> None:
+        while self.used > self.budget and len(self.known) > 1:
+            _, old = self.known.popitem(last=False)
+            self.used -= 256 + (len(old.body) if old.body is not None else 0)
+
+
+def _read_if_same(path: str, identity: tuple[int, int, int]) -> bytes | None:
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        if (st.st_ino, st.st_mtime_ns, st.st_size) != identity:
+            return None
+        body = f.read()
+    return body if len(body) == identity[2] else None
+
+
+class Mirror:
+    """Maps URLs to files of the data folder, refusing every path that leaves a snapshot.
+
+    `handle` is the whole request path: no router, middleware or signal, since a server of a
+    fleet answers InRelease and indices thousands of times a second and each layer costs."""
+
+    def __init__(self, config: Config, store: FileStore, counters: metrics.ServerMetrics) -> None:
         self.config = config
         self.store = store
+        self.counters = counters
         # Operator pages are built here, off the event loop; not in the default executor, which
         # aiohttp's FileResponse uses to open files: a flood of /status must not queue files.
         self.pages = ThreadPoolExecutor(max_workers=2, thread_name_prefix="aptguard-pages")
+        self.quick = QuickFiles()
 
-    async def file(self, request: web.Request, where: str, key: tuple[str, ...]) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.method not in ("GET", "HEAD"):
+            return _not_found()  # as nginx/aptguard.conf answers them
+        path = request.path
+        if path == "/":
+            return await self.index(request)
+        if path == "/status":
+            return await self.status_json()
+        if path == "/metrics":
+            return await self.metrics()
+        words = path[1:].split("/", 3)
+        if words[0] == "snapshots" and len(words) == 4:
+            return await self.file(request, "snapshot", (words[1], words[2]), words[3])
+        words = path[1:].split("/", 2)
+        if words[0] == "pins" and len(words) == 3:
+            return await self.file(request, "pin", (words[1],), words[2])
+        words = path[1:].split("/", 1)
+        if len(words) == 2:
+            return await self.file(request, "current", (words[0],), words[1])
+        return _not_found()
+
+    async def file(self, request: web.BaseRequest, where: str, key: tuple[str, ...], tail: str) -> web.StreamResponse:
         if not all(_WORD.match(k) for k in key) or _RAW_REFUSED.search(request.raw_path.partition("?")[0]):
             return _not_found()
-        parts = _safe_parts(request.match_info["tail"])
+        parts = _safe_parts(tail)
         path = None if parts is None else self.store.served_file(where, key, parts)
         if path is None:
             return _not_found()
-        return SignedFile(path, chunk_size=256 * 1024)
-
-    async def current(self, request: web.Request) -> web.StreamResponse:
-        return await self.file(request, "current", (request.match_info["name"],))
-
-    async def snapshot(self, request: web.Request) -> web.StreamResponse:
-        return await self.file(request, "snapshot", (request.match_info["name"], request.match_info["id"]))
-
-    async def pin(self, request: web.Request) -> web.StreamResponse:
-        return await self.file(request, "pin", (request.match_info["pin"],))
+        quick = await self.quick.answer(request, path)
+        if quick is not None:
+            return quick
+        return SignedFile(path, chunk_size=1 << 20, headers={hdrs.CONTENT_TYPE: _OCTETS})
 
     async def report(self, build: Callable[..., _T], *args: Any) -> _T:
         """Run `build` (which reads state files and snapshot summaries) in a worker thread, once
@@ -125,44 +265,20 @@ class Mirror:
         await summary.prepare(self.store, current)
         return await asyncio.get_running_loop().run_in_executor(self.pages, build, *args)
 
-    async def status_json(self, request: web.Request) -> web.Response:
+    async def status_json(self) -> web.Response:
         text = await self.report(lambda: json.dumps(status(self.config, self.store), indent=1))
         return web.Response(text=text, content_type="application/json")
 
-    async def index(self, request: web.Request) -> web.Response:
+    async def index(self, request: web.BaseRequest) -> web.Response:
         body = await self.report(page.render, self.config, self.store, f"{request.scheme}://{request.host}")
         return web.Response(text=body, content_type="text/html", headers={"Cache-Control": "no-cache"})
 
-    async def metrics(self, request: web.Request) -> web.Response:
-        server = request.app[metrics.SERVER_KEY]
-        body, content_type = await self.report(metrics.exposition, self.config, self.store, server)
+    async def metrics(self) -> web.Response:
+        body, content_type = await self.report(metrics.exposition, self.config, self.store, self.counters)
         return web.Response(body=body, headers={"Content-Type": content_type})
 
-    async def catch_all(self, request: web.Request) -> web.Response:
-        return _not_found()
-
-
-def make_app(config: Config, store: FileStore) -> web.Application:
-    mirror = Mirror(config, store)
-    app = web.Application()
-    metrics.instrument(app)
-
-    async def stop_pages(_app: web.Application) -> None:
-        mirror.pages.shutdown(wait=False, cancel_futures=True)
-
-    app.on_cleanup.append(stop_pages)
-    app.add_routes(
-        [
-            web.get("/", mirror.index),
-            web.get("/status", mirror.status_json),
-            web.get("/metrics", mirror.metrics),
-            web.get(r"/snapshots/{name}/{id}/{tail:.*}", mirror.snapshot),
-            web.get(r"/pins/{pin}/{tail:.*}", mirror.pin),
-            web.get(r"/{name}/{tail:.*}", mirror.current),
-            web.get(r"/{any:.*}", mirror.catch_all),
-        ]
-    )
-    return app
+    def close(self) -> None:
+        self.pages.shutdown(wait=False, cancel_futures=True)
 
 
 class _Connection(asyncio.Protocol):
@@ -175,11 +291,10 @@ class _Connection(asyncio.Protocol):
         self.admitted = False
         self.waiting_since: float | None = None  # None while a request is being answered
         self.headers_since: float | None = None  # when the request now awaited began to arrive
-        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass of it
+        transport = self.transport
         if not self.guard.admit(self):
             transport.abort()
             return
@@ -192,8 +307,8 @@ class _Connection(asyncio.Protocol):
             self.handler.connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self.waiting_since is not None and self.headers_since is None:
-            self.guard.headers_begin(self)
+        if self.headers_since is None and self.waiting_since is not None:
+            self.headers_since = self.guard.loop.time()
         self.handler.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -209,27 +324,44 @@ class _Connection(asyncio.Protocol):
 class ConnectionGuard:
     """Deadlines and a bound for client connections, so slow or idle clients cannot starve others.
 
-    A connection is either answering a request (from the moment aiohttp dispatches it, seen by
-    a middleware, until its response has gone out, when aiohttp calls its access logger) or
-    waiting for the next one. A waiting connection is closed once it has waited `idle` seconds,
-    or `headers` seconds after its request began to arrive (a new connection: after it opened),
-    whichever comes first: nginx's keepalive_timeout and client_header_timeout. Past `limit`
-    open connections, the one that has waited longest is closed for the newcomer; when none
-    waits, the newcomer is. Connections busy answering are never cut by the guard.
+    A connection is either answering a request (from the moment aiohttp dispatches it to the
+    handler `wrap` made, until its response has gone out, when aiohttp calls its access logger)
+    or waiting for the next one. A waiting connection is closed once it has waited `idle`
+    seconds, or `headers` seconds after its request began to arrive (a new connection: after it
+    opened), whichever comes first: nginx's keepalive_timeout and client_header_timeout. Past
+    `limit` open connections, the one that has waited longest is closed for the newcomer; when
+    none waits, the newcomer is. Connections busy answering are never cut by the guard.
+
+    Deadlines are checked by one sweep a second over the waiting connections, not by a timer
+    per request (arming and cancelling one cost more than answering InRelease from memory), so
+    a connection may outlive its deadline by up to SWEEP seconds, never be cut before it.
     """
 
-    def __init__(self, limit: int, *, headers: float = HEADER_TIMEOUT, idle: float = IDLE_TIMEOUT) -> None:
+    SWEEP = 1.0
+
+    def __init__(
+        self,
+        limit: int,
+        *,
+        headers: float = HEADER_TIMEOUT,
+        idle: float = IDLE_TIMEOUT,
+        sent: Callable[[web.BaseRequest, web.StreamResponse], None] | None = None,
+    ) -> None:
         self.limit = limit
         self.headers = headers
         self.idle = idle
+        self.loop = asyncio.get_running_loop()
         self.open: dict[asyncio.BaseTransport, _Connection] = {}
         self.waiting: OrderedDict[_Connection, None] = OrderedDict()  # longest waiting first
+        self.sweeper = self.loop.call_later(self.SWEEP, self.sweep)
         guard = self
 
         class ResponseSent(AbstractAccessLogger):
             """aiohttp calls an access logger once a response has gone out: the connection waits again."""
 
             def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+                if sent is not None:
+                    sent(request, response)
                 guard.request_done(request.transport)
 
         self.access_log_class = ResponseSent
@@ -237,14 +369,18 @@ class ConnectionGuard:
     def protocol_factory(self, handlers: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         return lambda: _Connection(self, handlers())
 
-    @web.middleware
-    async def middleware(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        conn = self.open.get(request.transport) if request.transport is not None else None
-        if conn is not None:
-            self._stop_waiting(conn)
-        return await handler(request)
+    def wrap(
+        self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+    ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+        """`handler`, marking its connection busy while it answers."""
+
+        async def answering(request: web.BaseRequest) -> web.StreamResponse:
+            conn = self.open.get(request.transport) if request.transport is not None else None
+            if conn is not None:
+                self._stop_waiting(conn)
+            return await handler(request)
+
+        return answering
 
     def admit(self, conn: _Connection) -> bool:
         if len(self.open) >= self.limit:
@@ -253,7 +389,7 @@ class ConnectionGuard:
             self.close(next(iter(self.waiting)))
         assert conn.transport is not None
         self.open[conn.transport] = conn
-        self._wait(conn, headers_since=asyncio.get_running_loop().time())
+        self._wait(conn, headers_since=self.loop.time())
         return True
 
     def forget(self, conn: _Connection) -> None:
@@ -261,42 +397,35 @@ class ConnectionGuard:
             self.open.pop(conn.transport, None)
         self._stop_waiting(conn)
 
-    def headers_begin(self, conn: _Connection) -> None:
-        conn.headers_since = asyncio.get_running_loop().time()
-        self._arm(conn)
-
     def request_done(self, transport: asyncio.BaseTransport | None) -> None:
         conn = self.open.get(transport) if transport is not None else None
         if conn is not None:
             self._wait(conn, headers_since=None)
 
     def _wait(self, conn: _Connection, headers_since: float | None) -> None:
-        conn.waiting_since = asyncio.get_running_loop().time()
+        conn.waiting_since = self.loop.time()
         conn.headers_since = headers_since
         self.waiting[conn] = None
         self.waiting.move_to_end(conn)
-        self._arm(conn)
 
     def _stop_waiting(self, conn: _Connection) -> None:
         self.waiting.pop(conn, None)
         conn.waiting_since = conn.headers_since = None
-        if conn.timer is not None:
-            conn.timer.cancel()
-            conn.timer = None
 
-    def _arm(self, conn: _Connection) -> None:
-        if conn.timer is not None:
-            conn.timer.cancel()
-        assert conn.waiting_since is not None
-        deadline = conn.waiting_since + self.idle
-        if conn.headers_since is not None:
-            deadline = min(deadline, conn.headers_since + self.headers)
-        conn.timer = asyncio.get_running_loop().call_at(deadline, self._expire, conn)
-
-    def _expire(self, conn: _Connection) -> None:
-        conn.timer = None
-        if conn in self.waiting:
+    def sweep(self) -> None:
+        """Close every waiting connection past its deadline; runs every SWEEP seconds."""
+        now = self.loop.time()
+        expired = []
+        for conn in self.waiting:
+            assert conn.waiting_since is not None
+            deadline = conn.waiting_since + self.idle
+            if conn.headers_since is not None:
+                deadline = min(deadline, conn.headers_since + self.headers)
+            if deadline <= now:
+                expired.append(conn)
+        for conn in expired:
             self.close(conn)
+        self.sweeper = self.loop.call_later(self.SWEEP, self.sweep)
 
     def close(self, conn: _Connection) -> None:
         """Close a waiting connection now (a response's last bytes still unsent: reset it)."""
@@ -309,6 +438,7 @@ class ConnectionGuard:
                 transport.close()
 
     def stop(self) -> None:
+        self.sweeper.cancel()
         for conn in list(self.open.values()):
             self._stop_waiting(conn)
 
@@ -332,27 +462,170 @@ def connection_limit(open_files: int) -> int:
     return max(16, min(MAX_CONNECTIONS, (open_files - 64) // 2))
 
 
-async def serve(config: Config, store: FileStore, host: str, port: int) -> None:
-    """Serve until SIGINT or SIGTERM, then close connections gracefully."""
+def listen(host: str, port: int, copies: int = 1) -> list[list[socket.socket]]:
+    """Listening sockets for HOST:PORT (one per address family the host has), `copies` sets of them.
+
+    One set serves one process. Several sets are bound with SO_REUSEPORT, so the kernel spreads
+    new connections evenly over the workers (with one shared socket, whichever worker wakes
+    first takes a burst of them, and the busiest sets everyone's p99). They are made before any
+    worker starts, after a plain bind of the same address proved the port free: a port in use is
+    an error at start, never a port silently shared with another server that set SO_REUSEPORT."""
+    addresses = []
+    for family, kind, proto, _, address in socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    ):
+        if (family, kind, proto, address) not in addresses:
+            addresses.append((family, kind, proto, address))
+    sets: list[list[socket.socket]] = [[] for _ in range(copies)]
+    try:
+        for family, kind, proto, address in addresses:
+            for n, found in enumerate(sets):
+                sock = socket.socket(family, kind, proto)
+                found.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                if n == 0 and copies > 1:  # the proof that no one else listens there
+                    sock.bind(address)
+                    address = sock.getsockname()  # the port the kernel chose, for port 0
+                    sock.close()
+                    sock = found[-1] = socket.socket(family, kind, proto)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6:
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                if copies > 1:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind(address)
+                address = sock.getsockname()
+                sock.listen(1024)
+                sock.setblocking(False)
+    except OSError:
+        for found in sets:
+            for sock in found:
+                sock.close()
+        raise
+    return sets
+
+
+@contextlib.asynccontextmanager
+async def serving(config: Config, store: FileStore, sockets: list[socket.socket]) -> AsyncIterator[None]:
+    """Answer requests on `sockets` inside the block; close connections gracefully after it."""
     loop = asyncio.get_running_loop()
-    guard = ConnectionGuard(connection_limit(raise_open_files_limit()))
-    app = make_app(config, store)
-    app.middlewares.append(guard.middleware)
-    runner = web.AppRunner(app, access_log_class=guard.access_log_class, keepalive_timeout=IDLE_TIMEOUT)
-    await runner.setup()
-    assert runner.server is not None
-    listener = await loop.create_server(guard.protocol_factory(runner.server), host, port, backlog=1024)
+    counters = metrics.ServerMetrics()
+    guard = ConnectionGuard(connection_limit(raise_open_files_limit()), sent=counters.count)
+    mirror = Mirror(config, store, counters)
+    server = web.Server(
+        guard.wrap(mirror.handle), access_log_class=guard.access_log_class, keepalive_timeout=IDLE_TIMEOUT
+    )
+    listeners = [await loop.create_server(guard.protocol_factory(server), sock=sock) for sock in sockets]
+    try:
+        yield
+    finally:
+        for listener in listeners:
+            listener.close()
+        guard.stop()
+        await server.shutdown(5.0)
+        mirror.close()
+
+
+async def serve(config: Config, store: FileStore, sockets: list[socket.socket]) -> None:
+    """Serve on `sockets` until SIGINT or SIGTERM."""
+    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    print(f"aptguard: serving {store} on http://{host}:{port}/ (at most {guard.limit} connections)", flush=True)
-    try:
+    async with serving(config, store, sockets):
         await stop.wait()
-    finally:
-        listener.close()
-        guard.stop()
-        await runner.cleanup()
 
 
-def run(config: Config, store: FileStore, host: str, port: int) -> None:
-    asyncio.run(serve(config, store, host, port))
+def run(config: Config, store: FileStore, sockets: list[list[socket.socket]]) -> None:
+    """Serve on `sockets` (from `listen`): in this process for one set, else in one forked
+    worker per set."""
+    host, port = sockets[0][0].getsockname()[:2]
+    where = f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+    limit = connection_limit(raise_open_files_limit())
+    if len(sockets) == 1:
+        print(f"aptguard: serving {store} on {where} (at most {limit} connections)", flush=True)
+        _run_loop(serve(config, store, sockets[0]))
+        return
+    print(
+        f"aptguard: serving {store} on {where} in {len(sockets)} workers (at most {limit} connections each)",
+        flush=True,
+    )
+    Workers([lambda own=own: _run_loop(serve(config, store, own)) for own in sockets]).run()
+
+
+def _run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run the server on uvloop's event loop (libuv's): 1.7x the requests/s of asyncio's own."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
+
+
+class Workers:
+    """One forked process per job, each replaced (running the same job) when it dies, all
+    stopped with this one.
+
+    The supervisor serves nothing itself: it forks (before any thread or event loop exists, so
+    nothing a worker inherits is locked), waits, and starts a new worker for one that died
+    (after RESPAWN_DELAY when it died young, so a worker that cannot start is not forked in a
+    tight loop). SIGTERM or SIGINT is passed on to every worker, which closes its connections
+    gracefully, and the supervisor returns once all have ended. A worker receives SIGTERM when
+    the supervisor dies (even by SIGKILL), so no orphan keeps the port from a restarted server.
+    """
+
+    RESPAWN_DELAY = 1.0
+
+    def __init__(self, jobs: list[Callable[[], None]]) -> None:
+        self.jobs = jobs
+        self.pids: dict[int, tuple[int, float]] = {}  # pid -> its job, when it started
+        self.stopping = False
+
+    def run(self) -> None:
+        previous = {signum: signal.signal(signum, self._stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for n in range(len(self.jobs)):
+                self._spawn(n)
+            while self.pids:
+                pid, status = os.wait()
+                ended = self.pids.pop(pid, None)
+                if ended is None or self.stopping:
+                    continue
+                n, started = ended
+                code = os.waitstatus_to_exitcode(status)
+                print(f"aptguard: worker {pid} ended ({_ended(code)}); starting another", file=sys.stderr, flush=True)
+                if time.monotonic() - started < self.RESPAWN_DELAY:
+                    time.sleep(self.RESPAWN_DELAY)
+                if not self.stopping:
+                    self._spawn(n)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _spawn(self, n: int) -> None:
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 70
+            try:
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(signum, signal.SIG_DFL)
+                die_with_parent(parent, signal.SIGTERM)
+                self.jobs[n]()
+                code = 0
+            except BaseException:  # noqa: BLE001 - a worker reports and ends, never returns to the CLI
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        self.pids[pid] = (n, time.monotonic())
+
+    def _stop(self, signum: int, _frame: object) -> None:
+        self.stopping = True
+        for pid in list(self.pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+
+def _ended(code: int) -> str:
+    return f"signal {-code}" if code < 0 else f"exit {code}"

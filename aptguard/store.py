@@ -76,6 +76,7 @@ except (OSError, AttributeError):
 # lock held exclusively, any of them belongs to a process that died.
 _LEFTOVER_PREFIXES = ("sync+", "build+", "build-", "put-", "gc+")
 _TREE_FORMAT = 1
+SERVED_PATHS = 100_000  # served_file's memory of resolved URL paths (about 30 MB when full)
 
 
 class PointerMoved(Exception):
@@ -111,6 +112,7 @@ class FileStore:
         self._objects = self.root / "objects"
         self._tmp = self.root / "tmp"
         self._roots: tuple[str, str] | None = None  # served_file's real snapshots/ and pools/
+        self._served: dict[tuple[str, tuple[str, ...], str, tuple[str, ...]], str] = {}
 
     def __repr__(self) -> str:
         return f"the data folder {self.root}"
@@ -490,7 +492,40 @@ class FileStore:
 
         `where` is "current" (key: NAME), "pin" (key: PIN) or "snapshot" (key: NAME, ID). The file
         is a regular file of that snapshot's own tree, else of its pool generation, reached
-        through no link but the pointer and the snapshot's `.pool`."""
+        through no link but the pointer and the snapshot's `.pool`.
+
+        The answer is remembered per tree: by the pointer's target for "current" and "pin" (one
+        readlink per call sees a promotion at once), by the id for "snapshot" (one stat per call
+        sees gc remove it). A remembered file is answered again only while it is still a regular
+        file (an lstat): a pool generation is shared, and the link a killed commit left in it
+        goes when its leftovers are discarded."""
+        if where == "snapshot":
+            tree = os.path.join(self.root, "snapshots", *key)
+            if not os.path.isdir(tree):
+                return None
+            marker = ""
+        else:
+            try:
+                marker = os.readlink(os.path.join(self.root, "current" if where == "current" else "pins", key[0]))
+            except OSError:
+                return None
+        cache_key = (where, key, marker, tuple(parts))
+        known = self._served.get(cache_key)
+        if known is not None:
+            try:
+                if stat.S_ISREG(os.lstat(known).st_mode):
+                    return known
+            except OSError:
+                pass
+            del self._served[cache_key]
+        found = self._resolve(where, key, parts)
+        if found is not None:  # a 404 is not remembered: a client's made-up paths would fill it
+            if len(self._served) >= SERVED_PATHS:
+                self._served.clear()
+            self._served[cache_key] = found
+        return found
+
+    def _resolve(self, where: str, key: tuple[str, ...], parts: list[str]) -> str | None:
         if where == "current":
             base = self.root / "current" / key[0]
         elif where == "pin":

@@ -126,7 +126,13 @@ def _die_with(parent: int) -> None:
     """Be killed when the parent dies (Linux); a parent already gone ends the twin now."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent(parent, signal.SIGKILL)
+
+
+def die_with_parent(parent: int, signum: int) -> None:
+    """Receive `signum` when the parent dies (Linux's PR_SET_PDEATHSIG); a parent already gone
+    (this process was orphaned before it could ask) sends it now."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
     if os.getppid() != parent:
-        os._exit(70)
+        os.kill(os.getpid(), signum)

@@ -1,9 +1,10 @@
 """Benchmark: the embedded server (`aptguard serve`) against nginx (`aptguard nginx-config`) on one data folder.
 
-    .venv/bin/python bench/serve.py [--seconds 8] [--connections 16] [--big-mb 20]
+    .venv/bin/python bench/serve.py [--seconds 8] [--connections 16] [--big-mb 20] [--workers N]
 
 Builds a signed sample upstream with a small and a large .deb, syncs it with the real CLI,
-starts both servers on 127.0.0.1, and runs `wrk` (Debian's package; installed if missing and
+starts both servers on 127.0.0.1 (the embedded one with `--workers N`, default: one per CPU,
+as nginx's `worker_processes auto`), and runs `wrk` (Debian's package; installed if missing and
 run as root) against each for a small file (InRelease), an index (Packages.xz) and the large
 .deb. Prints requests/s, p99 latency, throughput and the nginx/embedded ratios.
 """
@@ -11,6 +12,7 @@ run as root) against each for a small file (InRelease), an index (Packages.xz) a
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -63,6 +65,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--big-mb", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     binary = ensure_wrk()
     work = Path(tempfile.mkdtemp(prefix="aptguard-bench-"))
@@ -70,14 +73,18 @@ def main() -> int:
     site = None
     try:
         print(f"building and syncing a sample upstream under {work} ...", flush=True)
-        site = Site(work, key, work / "debs", big=args.big_mb * 1_000_000)
+        site = Site(work, key, work / "debs", big=args.big_mb * 1_000_000, workers=args.workers)
         deb = site.repo.deb_path("stable", "main", "amd64", "bigpkg").relative_to(site.repo.root).as_posix()
         targets = {
             "InRelease (small)": "/example/dists/stable/InRelease",
             "Packages.xz (index)": "/example/dists/stable/main/binary-amd64/Packages.xz",
             f"{args.big_mb} MB .deb": f"/example/{deb}",
         }
-        print(f"wrk: 2 threads, {args.connections} connections, {args.seconds} s per run, 127.0.0.1\n", flush=True)
+        print(
+            f"wrk: 2 threads, {args.connections} connections, {args.seconds} s per run, 127.0.0.1;"
+            f" embedded server: {args.workers} worker(s)\n",
+            flush=True,
+        )
         header = f"{'file':<22}{'server':<10}{'req/s':>10}{'p99 ms':>10}{'MB/s':>10}"
         print(header)
         print("-" * len(header))

@@ -173,7 +173,7 @@ class Mirror:
         assert self.port is not None, "start_server() first"
         return f"http://127.0.0.1:{self.port}"
 
-    def start_server(self, soft_nofile: int | None = None) -> str:
+    def start_server(self, soft_nofile: int | None = None, workers: int = 1) -> str:
         """`aptguard serve` on a free port, once it answers; `soft_nofile`: its soft open-files limit."""
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 
@@ -192,6 +192,8 @@ class Mirror:
                 "serve",
                 "--listen",
                 f"127.0.0.1:{self.port}",
+                "--workers",
+                str(workers),
             ],
             cwd=self.workdir,
             stdout=subprocess.DEVNULL,

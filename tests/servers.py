@@ -135,7 +135,9 @@ class Site:
     SUITE = "stable"
     NAME = "example"
 
-    def __init__(self, workdir: Path, key: SigningKey, deb_cache: Path, *, by_hash: bool = True, big: int = 0) -> None:
+    def __init__(
+        self, workdir: Path, key: SigningKey, deb_cache: Path, *, by_hash: bool = True, big: int = 0, workers: int = 1
+    ) -> None:
         self.workdir = workdir
         self.key = key
         self.by_hash = by_hash
@@ -160,7 +162,7 @@ class Site:
             },
         )
         self.sync()
-        self.mirror.start_server()
+        self.mirror.start_server(workers=workers)
         self.nginx = Nginx(self.mirror, workdir / "nginx").start()
 
     def publish(self, **kw: object) -> None:

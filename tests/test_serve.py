@@ -26,7 +26,9 @@ BIG = 3_000_000
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory, keys, deb_cache: Path) -> Iterator[Site]:
-    made = Site(tmp_path_factory.mktemp("serve"), keys("serve"), deb_cache, big=BIG)
+    # The embedded server in two workers: the whole of section 4 holds across processes too
+    # (test_serve_abuse and the others run it in one).
+    made = Site(tmp_path_factory.mktemp("serve"), keys("serve"), deb_cache, big=BIG, workers=2)
     yield made
     made.close()
 

@@ -21,7 +21,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from aptguard import serve, summary
 from aptguard.config import load_config
@@ -30,7 +29,7 @@ from aptguard.store import FileStore
 from fixtures.keys import write_keyring
 from fixtures.repo import Repo
 from fixtures.upstream import Upstream
-from tests.mirror import Mirror, free_port
+from tests.mirror import Mirror
 from tests.servers import raw_get
 
 SUITE = "stable"
@@ -94,12 +93,9 @@ def test_operator_pages_parse_no_manifest_per_request(
         monkeypatch.setattr(summary, "_compute_in_child", counting_child)
 
         async def scenario() -> tuple[dict[str, list[bytes]], dict[str, list[bytes]], str]:
-            runner = web.AppRunner(serve.make_app(config, store), access_log=None)
-            await runner.setup()
-            port = free_port()
-            await web.TCPSite(runner, "127.0.0.1", port).start()
-            try:
-                url = f"http://127.0.0.1:{port}"
+            [sockets] = serve.listen("127.0.0.1", 0)
+            async with serve.serving(config, store, sockets):
+                url = f"http://127.0.0.1:{sockets[0].getsockname()[1]}"
                 before = await _fetch_pages(url, 10)
                 repo.add(SUITE, "main", "amd64", "hello", "2.0-1")
                 repo.publish(SUITE, [keys("abuse-pages")])
@@ -107,8 +103,6 @@ def test_operator_pages_parse_no_manifest_per_request(
                 assert run.returncode == 0, run.output
                 after = await _fetch_pages(url, 10)
                 return before, after, store.current("up") or ""
-            finally:
-                await runner.cleanup()
 
         first = store.current("up")
         before, after, second = asyncio.run(scenario())

@@ -131,10 +131,13 @@ def test_removing_a_snapshot_then_pruning_keeps_what_others_list_and_frees_the_r
     second = {k: v for k, v in _archive(20, "2").items() if "pkg19" not in k}
     second["pool/main/z/fresh/fresh_1_all.deb"] = b"fresh"
     kept, _ = _commit(store, "S2", second, base)
+    _serves_exactly(store, "S1", first)  # and remembered by served_file: it must forget S1 as it goes
     store.remove_snapshot("up", "S1")
     assert store.prune_pools("up") == 1  # pkg19, which only S1 listed
     assert store.snapshot_ids("up") == ["S2"]
     assert _served(store, "snapshot", ("up", "S1"), "dists/stable/InRelease") is None
+    # a pool file S2 shares with S1 stays on disk, but not under S1's name
+    assert _served(store, "snapshot", ("up", "S1"), "pool/main/a/pkg0/pkg0_1.0_all.deb") is None
     _serves_exactly(store, "S2", second)
     assert _served(store, "snapshot", ("up", "S2"), "pool/main/b/pkg19/pkg19_1.0_all.deb") is None
     referenced = {r["sha256"] for r in kept.files.values()}
@@ -207,10 +210,14 @@ def test_pointers_change_by_compare_and_swap(store: FileStore) -> None:
     archive = _archive(2)
     _commit(store, "S1", archive)
     _commit(store, "S2", archive)
+    _commit(store, "S3", _archive(2, "3"))
     store.set_current("up", "S1", expect=None)
+    assert _served(store, "current", ("up",), "dists/stable/InRelease") == archive["dists/stable/InRelease"]
     with pytest.raises(PointerMoved):
         store.set_current("up", "S2", expect=None)  # an operator who read "no current" loses
-    store.set_current("up", "S2", expect="S1")
+    store.set_current("up", "S3", expect="S1")
+    assert _served(store, "current", ("up",), "dists/stable/InRelease") == b"release 3"  # at once
+    store.set_current("up", "S2", expect="S3")
     assert store.current("up") == "S2"
     assert _served(store, "current", ("up",), "dists/stable/InRelease") == archive["dists/stable/InRelease"]
     store.set_pin("ci", "up", "S1", expect=None)
