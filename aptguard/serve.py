@@ -557,8 +557,56 @@ def run(config: Config, store: FileStore, sockets: list[list[socket.socket]]) ->
 
 def _run_loop(main: Coroutine[Any, Any, None]) -> None:
     """Run the server on uvloop's event loop (libuv's): 1.7x the requests/s of asyncio's own."""
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+    with asyncio.Runner(loop_factory=SendfileLoop) as runner:
         runner.run(main)
+
+
+class SendfileLoop(uvloop.Loop):  # type: ignore[misc]
+    """uvloop's loop with asyncio's `sendfile`, which uvloop lacks.
+
+    aiohttp's FileResponse sends with `loop.sendfile` and, where it raises NotImplementedError,
+    copies the file through Python in chunks: on uvloop a 20 MB .deb went at 0.4x the rate of
+    sendfile(2). This is the kernel's sendfile on a duplicate of the connection's descriptor
+    (uvloop refuses a writer callback on a descriptor its transport owns), once the transport
+    has sent what it holds (the headers), waiting for the socket to drain whenever it is full.
+    """
+
+    async def sendfile(  # type: ignore[override]
+        self, transport: asyncio.WriteTransport, file: Any, offset: int = 0, count: int | None = None, **_: Any
+    ) -> int:
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            raise NotImplementedError
+        while transport.get_write_buffer_size():  # the headers, or a pipelined answer, still queued
+            if transport.is_closing():
+                raise ConnectionResetError("the client went away")
+            await asyncio.sleep(0.002)
+        if count is None:
+            count = os.fstat(file.fileno()).st_size - offset
+        fd = os.dup(sock.fileno())
+        sent = 0
+        try:
+            while sent < count:
+                try:
+                    n = os.sendfile(fd, file.fileno(), offset + sent, count - sent)
+                except BlockingIOError:
+                    await self._writable(fd)
+                    continue
+                if n == 0:  # the file is shorter than it was
+                    break
+                sent += n
+        finally:
+            os.close(fd)
+        file.seek(offset + sent)
+        return sent
+
+    async def _writable(self, fd: int) -> None:
+        ready = self.create_future()
+        self.add_writer(fd, lambda: ready.done() or ready.set_result(None))
+        try:
+            await ready
+        finally:
+            self.remove_writer(fd)
 
 
 class Workers:

@@ -21,7 +21,7 @@ from tests.servers import Site, raw_get
 SERVERS = ["embedded", "nginx"]
 INRELEASE = "/example/dists/stable/InRelease"
 PACKAGES_XZ = "/example/dists/stable/main/binary-amd64/Packages.xz"
-BIG = 3_000_000
+BIG = 8_000_000  # past the kernel's largest send buffer (tcp_wmem: 4 MiB), so a slow reader fills it
 
 
 @pytest.fixture(scope="module")
@@ -315,6 +315,35 @@ def test_one_keep_alive_connection_serves_many_files(site: Site) -> None:
                     assert resp.status == 404, (server, path)
         finally:
             conn.close()
+
+
+def test_a_slow_reader_of_a_large_file_gets_every_byte_and_holds_up_no_one(site: Site, url: str) -> None:
+    """The large file goes out with sendfile(2) into a socket that fills up (a small receive
+    buffer, a reader that pauses): the server waits for it to drain, meanwhile answers others."""
+    import socket
+    import time
+
+    path = big_deb(site)
+    expected = upstream_bytes(site, path.removeprefix("/example/"))
+    host, port = url.removeprefix("http://").split(":")
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    slow.settimeout(20)
+    try:
+        slow.connect((host, int(port)))
+        slow.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        data = slow.recv(4096)
+        time.sleep(1.0)  # the server's send buffer fills; it must not spin or block its loop
+        started = time.monotonic()
+        for _ in range(8):  # new connections: the embedded server spreads them over its workers
+            assert raw_get(url, INRELEASE)[2] == upstream_bytes(site, "dists/stable/InRelease")
+        assert time.monotonic() - started < 3.0
+        while chunk := slow.recv(65536):
+            data += chunk
+    finally:
+        slow.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and body == expected
 
 
 def test_checked_in_nginx_example_is_what_the_command_renders() -> None:
