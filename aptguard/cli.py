@@ -69,7 +69,7 @@ def run_sync(
     import asyncio
 
     from aptguard.keyring import read_keyring
-    from aptguard.sync import SyncResult, internal_error, sync_upstream
+    from aptguard.sync import sync_all
 
     if log_format not in ("text", "json"):
         _fail(f"--log-format: expected text or json, got {log_format!r}")
@@ -90,30 +90,22 @@ def run_sync(
 
         progress = _sync_progress(log_format, [up.name for up in selected])
         stack.callback(progress.close)
-        log = progress.log
+        results = asyncio.run(
+            sync_all(
+                selected,
+                store,
+                limits=config.limits,
+                promote=not no_promote,
+                allow_release_change=allow_release_change,
+                log=progress.log,
+                progress=progress,
+            )
+        )
+    raise SystemExit(1 if report_results(results, store, log_format) else 0)
 
-        async def run_all() -> list[Any]:
-            results = []
-            for up in selected:
-                try:
-                    result = await sync_upstream(
-                        up,
-                        store,
-                        promote=not no_promote,
-                        allow_release_change=allow_release_change,
-                        limits=config.limits,
-                        log=log,
-                        progress=progress,
-                    )
-                except OSError as exc:  # the lock or the state file: this upstream fails, the next one syncs
-                    result = SyncResult(up.name, "rejected", "storage-error", f"{config.data_dir}: {exc}")
-                except Exception as exc:  # a bug outside the sync's own guard: still only this upstream's
-                    result = internal_error(store, up, exc)
-                results.append(result)
-                progress.end(up.name)
-            return results
 
-        results = asyncio.run(run_all())
+def report_results(results: list[Any], store: FileStore, log_format: str) -> bool:
+    """Print each upstream's outcome (a line each, or a JSON object); True if any was rejected."""
     failed = False
     for r in results:
         stats = r.stats
@@ -141,7 +133,7 @@ def run_sync(
             )
             for line in stats.get("changes") or ["no package changes"]:
                 echo(f"{r.name}:   {line}")
-    raise SystemExit(1 if failed else 0)
+    return failed
 
 
 def run_promote(ctx: Any, name: str, snap_id: str) -> None:

@@ -68,6 +68,14 @@ def serve(
         host, port = parse_listen(listen or config.listen, "--listen" if listen else f"{config.path}: server.listen")
     except UsageError as exc:
         _fail(str(exc))
+    if config.sync_interval is not None:  # as `sync` does: every keyring read before serving starts
+        from aptguard.keyring import read_keyring
+
+        for up in config.upstreams.values():
+            try:
+                read_keyring(up.keyring)
+            except UsageError as exc:
+                _fail(f"{exc} (upstreams.{up.name}.keyring in {config.path})")
     store.ensure()
     shared = None
     if workers > 1:  # before prometheus_client is imported: it picks its mode then (metrics.py)

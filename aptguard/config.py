@@ -59,6 +59,7 @@ class Config:
     stale_sync_hours: float = 48.0
     upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
+    sync_interval: float | None = None  # [schedule] interval: `serve` also syncs this often (seconds)
 
 
 def find_config(explicit: str | None) -> Path:
@@ -165,6 +166,14 @@ def load_config(path: Path) -> Config:
 
     limits = _limits(_Reader(path, "limits", top.take("limits", dict, {}, "a [limits] table")))
 
+    schedule = _Reader(path, "schedule", top.take("schedule", dict, {}, "a [schedule] table"))
+    every = 'a duration such as "15m", "4h" or "1h30m", more than 0'
+    text = schedule.take("interval", str, None, every)
+    sync_interval = None if text is None else parse_duration(text)
+    if text is not None and not sync_interval:
+        schedule.fail("interval", every, text)
+    schedule.done({"interval"})
+
     upstreams: dict[str, UpstreamConfig] = {}
     tables = top.take("upstreams", dict, {}, "[upstreams.NAME] tables")
     for name, table in tables.items():
@@ -174,7 +183,7 @@ def load_config(path: Path) -> Config:
                 f"{', '.join(sorted(RESERVED))}"
             )
         upstreams[name] = _upstream(path, base, name, table)
-    top.done({"data_dir", "server", "retention", "warnings", "limits", "upstreams"})
+    top.done({"data_dir", "server", "retention", "warnings", "limits", "schedule", "upstreams"})
     return Config(
         path=path,
         data_dir=(base / data_dir),
@@ -186,6 +195,7 @@ def load_config(path: Path) -> Config:
         stale_sync_hours=float(margins["stale_sync_hours"]),
         upstreams=upstreams,
         limits=limits,
+        sync_interval=sync_interval,
     )
 
 

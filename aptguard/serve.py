@@ -539,20 +539,66 @@ async def serve(config: Config, store: FileStore, sockets: list[socket.socket]) 
 
 
 def run(config: Config, store: FileStore, sockets: list[list[socket.socket]]) -> None:
-    """Serve on `sockets` (from `listen`): in this process for one set, else in one forked
-    worker per set."""
+    """Serve on `sockets` (from `listen`): in this process for one set and no [schedule], else
+    in one forked worker per set, plus the syncer of [schedule] in a worker of its own."""
     host, port = sockets[0][0].getsockname()[:2]
     where = f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
     limit = connection_limit(raise_open_files_limit())
-    if len(sockets) == 1:
+    jobs = [lambda own=own: _run_loop(serve(config, store, own)) for own in sockets]
+    interval = config.sync_interval
+    if interval is None and len(jobs) == 1:
         print(f"aptguard: serving {store} on {where} (at most {limit} connections)", flush=True)
-        _run_loop(serve(config, store, sockets[0]))
+        jobs[0]()
         return
+    also = ""
+    if interval is not None:
+        jobs.append(lambda: scheduled_syncs(config, store, interval))
+        also = f", syncing every upstream every {_duration(interval)}"
     print(
-        f"aptguard: serving {store} on {where} in {len(sockets)} workers (at most {limit} connections each)",
+        f"aptguard: serving {store} on {where} in {len(sockets)} worker(s) (at most {limit} connections each){also}",
         flush=True,
     )
-    Workers([lambda own=own: _run_loop(serve(config, store, own)) for own in sockets]).run()
+    Workers(jobs).run()
+
+
+def scheduled_syncs(config: Config, store: FileStore, interval: float) -> None:
+    """[schedule]: sync every upstream, then gc (as the timer of contrib/systemd does), at start
+    and every `interval` after; a round that overruns skips the starts it missed.
+
+    This runs in a worker of its own, so the imports and start-up of a sync are paid once, and
+    a sync never competes with requests for a worker's event loop. Each upstream's sync takes
+    its lease like `aptguard sync` does, so a sync started by hand waits for it or it for that
+    one. SIGTERM ends it at once, which the sync's crash safety allows (guarantee 1)."""
+    from aptguard.cli import report_results
+    from aptguard.gc import collect
+    from aptguard.progress import Progress
+    from aptguard.sync import sync_all
+
+    due = time.monotonic()
+    while True:
+        print(f"aptguard: scheduled sync of {', '.join(config.upstreams) or 'no upstream'}", flush=True)
+        progress = Progress()
+        try:
+            results = asyncio.run(
+                sync_all(config.upstreams.values(), store, limits=config.limits, log=progress.log, progress=progress)
+            )
+        finally:
+            progress.close()
+        report_results(results, store, "text")
+        try:
+            collect(config, store, log=lambda message: print(f"gc: {message}", flush=True))
+        except Exception as exc:  # noqa: BLE001 - the next round tries again; serving goes on
+            print(f"aptguard: gc after the scheduled sync failed: {exc}", file=sys.stderr, flush=True)
+        now = time.monotonic()
+        while due <= now:
+            due += interval
+        time.sleep(due - now)
+
+
+def _duration(seconds: float) -> str:
+    hours, rest = divmod(int(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    return "".join(f"{n}{unit}" for n, unit in ((hours, "h"), (minutes, "m"), (secs, "s")) if n) or "0s"
 
 
 def _run_loop(main: Coroutine[Any, Any, None]) -> None:

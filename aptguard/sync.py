@@ -168,6 +168,39 @@ async def sync_upstream(
         return result
 
 
+async def sync_all(
+    upstreams: Iterable[UpstreamConfig],
+    store: FileStore,
+    *,
+    limits: Limits,
+    promote: bool = True,
+    allow_release_change: bool = False,
+    log: Callable[[str], None] = lambda message: None,
+    progress: Progress | None = None,
+) -> list[SyncResult]:
+    """Sync each upstream in turn; whatever fails is that upstream's rejection, never the next one's."""
+    results = []
+    for up in upstreams:
+        try:
+            result = await sync_upstream(
+                up,
+                store,
+                promote=promote,
+                allow_release_change=allow_release_change,
+                limits=limits,
+                log=log,
+                progress=progress,
+            )
+        except OSError as exc:  # the lock or the state file: this upstream fails, the next one syncs
+            result = SyncResult(up.name, "rejected", "storage-error", f"{store.root}: {exc}")
+        except Exception as exc:  # a bug outside the sync's own guard: still only this upstream's
+            result = internal_error(store, up, exc)
+        results.append(result)
+        if progress is not None:
+            progress.end(up.name)
+    return results
+
+
 def internal_error(store: FileStore, up: UpstreamConfig, exc: Exception) -> SyncResult:
     """A bug met while syncing `up`: its rejection, the traceback appended to the data folder's log."""
     text = f"{datetime.now(UTC).isoformat()} sync {up.name}:\n" + "".join(traceback.format_exception(exc))
