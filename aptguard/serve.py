@@ -24,7 +24,9 @@ summaries (summary.py), never from a manifest parsed per request, so they cannot
 
 Clients that hold connections without finishing a request cannot starve the others
 (ConnectionGuard): a request's headers must arrive within HEADER_TIMEOUT, a kept-alive
-connection may wait IDLE_TIMEOUT for its next request, and at most MAX_CONNECTIONS are open;
+connection may wait IDLE_TIMEOUT for its next request (a response still queued for it then is
+dropped with it), a file's reader may take nothing for at most SEND_TIMEOUT (SendfileLoop),
+and at most MAX_CONNECTIONS are open;
 past it, the connection that has waited longest for a request is closed to admit the new one
 (or the new one, when every open connection is busy). The soft limit of open files is raised
 to the hard limit at start, so the bound is reached long before the file limit.
@@ -46,7 +48,7 @@ import traceback
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 import uvloop
 from aiohttp import hdrs, web
@@ -61,6 +63,7 @@ from aptguard.twin import die_with_parent
 
 HEADER_TIMEOUT = 10.0  # a request's headers, from the connection's start or the request's first byte
 IDLE_TIMEOUT = 15.0  # a kept-alive connection waiting for its next request
+SEND_TIMEOUT = 60.0  # a response's reader that takes no byte for this long is cut (nginx's send_timeout)
 MAX_CONNECTIONS = 1000  # open client connections (fewer if the open-files limit is low)
 SMALL_FILE = 1 << 20  # files up to this size are answered from memory once read (indices, InRelease)
 BODY_CACHE = 64 << 20  # bytes of small files kept in memory per server process
@@ -623,10 +626,16 @@ class SendfileLoop(uvloop.Loop):  # type: ignore[misc]
         sock = transport.get_extra_info("socket")
         if sock is None:
             raise NotImplementedError
-        while transport.get_write_buffer_size():  # the headers, or a pipelined answer, still queued
+        queued, since = transport.get_write_buffer_size(), self.time()
+        while queued:  # the headers, or a pipelined answer, still queued
             if transport.is_closing():
                 raise ConnectionResetError("the client went away")
             await asyncio.sleep(0.002)
+            left = transport.get_write_buffer_size()
+            if left < queued:
+                queued, since = left, self.time()
+            elif self.time() - since > SEND_TIMEOUT:
+                _cut(transport)
         if count is None:
             count = os.fstat(file.fileno()).st_size - offset
         fd = os.dup(sock.fileno())
@@ -636,7 +645,8 @@ class SendfileLoop(uvloop.Loop):  # type: ignore[misc]
                 try:
                     n = os.sendfile(fd, file.fileno(), offset + sent, count - sent)
                 except BlockingIOError:
-                    await self._writable(fd)
+                    if not await self._writable(fd):
+                        _cut(transport)
                     continue
                 if n == 0:  # the file is shorter than it was
                     break
@@ -646,13 +656,23 @@ class SendfileLoop(uvloop.Loop):  # type: ignore[misc]
         file.seek(offset + sent)
         return sent
 
-    async def _writable(self, fd: int) -> None:
+    async def _writable(self, fd: int) -> bool:
+        """Wait until the socket takes more bytes; False if it took none for SEND_TIMEOUT."""
         ready = self.create_future()
         self.add_writer(fd, lambda: ready.done() or ready.set_result(None))
         try:
-            await ready
+            await asyncio.wait_for(ready, SEND_TIMEOUT)
+            return True
+        except TimeoutError:
+            return False
         finally:
             self.remove_writer(fd)
+
+
+def _cut(transport: asyncio.WriteTransport) -> NoReturn:
+    """A client that read nothing for SEND_TIMEOUT loses its connection (nginx's send_timeout)."""
+    transport.abort()
+    raise ConnectionResetError(f"the client read nothing for {SEND_TIMEOUT:g} s")
 
 
 class Workers:

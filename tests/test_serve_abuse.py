@@ -281,3 +281,48 @@ def test_deadlines_cut_silent_and_idle_connections_but_not_a_slow_whole_request(
     )
     assert serve.HEADER_TIMEOUT - 0.5 < ends["silent"] - silent_opened < serve.HEADER_TIMEOUT + 3
     assert serve.IDLE_TIMEOUT - 0.5 < ends["kept"] - answered < serve.IDLE_TIMEOUT + 3
+
+
+def test_a_reader_that_takes_nothing_is_cut_after_the_send_deadline(
+    tmp_path: Path, keys, deb_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that asks for a large file and stops reading loses its connection once the
+    socket has taken no byte for SEND_TIMEOUT (nginx's send_timeout), instead of holding its
+    slot for ever; the server on the loop `serve` runs (uvloop's, with sendfile)."""
+    from tests.servers import Site
+
+    size = 8_000_000  # past the kernel's largest send buffer: the socket fills
+    site = Site(tmp_path, keys("abuse-send"), deb_cache, big=size)
+    try:
+        monkeypatch.setattr(serve, "SEND_TIMEOUT", 1.5)
+        config = load_config(site.mirror.config)
+        store = FileStore(config.data_dir)
+        deb = site.repo.deb_path("stable", "main", "amd64", "bigpkg").relative_to(site.repo.root).as_posix()
+
+        async def scenario() -> tuple[int, float]:
+            loop = asyncio.get_running_loop()
+            [sockets] = serve.listen("127.0.0.1", 0)
+            async with serve.serving(config, store, sockets):
+                client = socket.socket()
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+                client.setblocking(False)
+                await loop.sock_connect(client, sockets[0].getsockname())
+                await loop.sock_sendall(client, f"GET /example/{deb} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                got = len(await loop.sock_recv(client, 4096))
+                stopped = loop.time()
+                await asyncio.sleep(serve.SEND_TIMEOUT + 2.0)  # reads nothing
+                try:
+                    while chunk := await asyncio.wait_for(loop.sock_recv(client, 1 << 20), 10):
+                        got += len(chunk)
+                except ConnectionResetError:
+                    pass
+                finally:
+                    client.close()
+                return got, loop.time() - stopped
+
+        with asyncio.Runner(loop_factory=serve.SendfileLoop) as runner:
+            got, lasted = runner.run(scenario())
+    finally:
+        site.close()
+    assert got < size, "the whole file went out: the server waited for the reader"
+    assert lasted < serve.SEND_TIMEOUT + 15
