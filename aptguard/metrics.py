@@ -59,10 +59,12 @@ class ServerMetrics:
 
     def count(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
         """Count a response that has gone out (file, 304, 404, 416, ...)."""
-        key = (request.method, response.status)
+        # A client chooses the method: any word it sends must not become a label of its own.
+        method = request.method if request.method in ("GET", "HEAD") else "other"
+        key = (method, response.status)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = self.requests.labels(request.method, str(response.status))
+            child = self._children[key] = self.requests.labels(method, str(response.status))
         child.inc()
         if request.method != "HEAD" and response.content_length:
             self.sent.inc(response.content_length)

@@ -96,6 +96,7 @@ ROUTE = r"""        location ~ "^/@PREFIX@(?<ag_tail>[^/].*)$" {
             alias @TREE@/$ag_tail;
             disable_symlinks on from=@FROM@;
             error_page 403 404 = @ag_@KIND@_pool;
+            error_page 400 405 =404 /.aptguard-404;  # a location's error_page hides the server's
             if (-d $request_filename) {
                 return 404;
             }

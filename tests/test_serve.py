@@ -235,6 +235,8 @@ def metric_samples(text: str) -> dict[tuple[str, frozenset], float]:
 
 def test_metrics_route_reports_upstream_health_and_requests(site: Site, url: str) -> None:
     raw_get(url, "/example/no-such-file")
+    for method in ("PUT", "DELETE", "OPTIONS", "PATCH", "PROPFIND"):  # one label for all, not one each
+        assert raw_get(url, INRELEASE, method=method)[0] == 404
     status, _, body = raw_get(url, "/metrics")
     assert status == 200
     m = metric_samples(body.decode())
@@ -248,6 +250,8 @@ def test_metrics_route_reports_upstream_health_and_requests(site: Site, url: str
     # nginx answers the 404 itself; the embedded server behind it counts only what it answered.
     if url == site.mirror.url:
         assert m[("aptguard_http_requests_total", frozenset({("code", "404"), ("method", "GET")}))] >= 1
+        assert m[("aptguard_http_requests_total", frozenset({("code", "404"), ("method", "other")}))] >= 5
+        assert not any(("method", "PROPFIND") in labels for _, labels in m)
         assert m[("aptguard_http_sent_bytes_total", frozenset())] > 0
 
 
