@@ -27,7 +27,9 @@ PACKAGES = 40  # a bigger index widens the window between InRelease and the inde
 
 
 def build(tmp_path: Path, keys, deb_cache: Path, *, by_hash: bool) -> Site:
-    site = Site(tmp_path / "site", keys("concurrency"), deb_cache, by_hash=by_hash)
+    # The embedded server as a fleet runs it: two workers, each holding InRelease and indices in
+    # memory, must both follow every promotion.
+    site = Site(tmp_path / "site", keys("concurrency"), deb_cache, by_hash=by_hash, workers=2)
     for i in range(PACKAGES):
         site.repo.add(Site.SUITE, "main", "amd64", f"filler{i:03d}", "1.0-1", size=512)
     site.new_version()
