@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.apt import AptClient
-from tests.servers import Site, raw_get
-from tests.test_serve_workers import alive, children, wait_for
+from tests.servers import Site, alive, children, raw_get, wait_for
 
 INRELEASE = "/example/dists/stable/InRelease"
 
