@@ -117,11 +117,11 @@ class _Known:
 
     __slots__ = ("identity", "etag", "mtime", "headers", "body")
 
-    def __init__(self, st: os.stat_result, body: bytes | None) -> None:
+    def __init__(self, st: os.stat_result) -> None:
         self.identity = (st.st_ino, st.st_mtime_ns, st.st_size)
         self.etag = f"{st.st_mtime_ns:x}-{st.st_size:x}"  # FileResponse's, so both paths agree
         self.mtime = st.st_mtime
-        probe = web.StreamResponse()
+        probe = web.StreamResponse()  # aiohttp's own HTTP date (rounded up), as FileResponse sends it
         probe.last_modified = st.st_mtime
         self.headers = {
             hdrs.CONTENT_TYPE: _OCTETS,
@@ -129,7 +129,7 @@ class _Known:
             hdrs.LAST_MODIFIED: probe.headers[hdrs.LAST_MODIFIED],
             hdrs.ACCEPT_RANGES: "bytes",
         }
-        self.body = body
+        self.body: bytes | None = None  # read on the first plain GET of a small file
 
 
 class QuickFiles:
@@ -158,7 +158,7 @@ class QuickFiles:
             return _not_found()
         known = self.known.get(path)
         if known is None or known.identity != (st.st_ino, st.st_mtime_ns, st.st_size):
-            known = self._remember(path, _Known(st, None))
+            known = self._remember(path, _Known(st))
         else:
             self.known.move_to_end(path)
         if hdrs.IF_NONE_MATCH in headers:
@@ -479,25 +479,17 @@ def listen(host: str, port: int, copies: int = 1) -> list[list[socket.socket]]:
     ):
         if (family, kind, proto, address) not in addresses:
             addresses.append((family, kind, proto, address))
+    shared = copies > 1
     sets: list[list[socket.socket]] = [[] for _ in range(copies)]
     try:
         for family, kind, proto, address in addresses:
-            for n, found in enumerate(sets):
-                sock = socket.socket(family, kind, proto)
+            if shared:  # the proof that no one else listens there; also the port chosen for port 0
+                with _socket(family, kind, proto, reuse_port=False) as probe:
+                    probe.bind(address)
+                    address = probe.getsockname()
+            for found in sets:
+                sock = _socket(family, kind, proto, reuse_port=shared)
                 found.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                if n == 0 and copies > 1:  # the proof that no one else listens there
-                    sock.bind(address)
-                    address = sock.getsockname()  # the port the kernel chose, for port 0
-                    sock.close()
-                    sock = found[-1] = socket.socket(family, kind, proto)
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    if family == socket.AF_INET6:
-                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                if copies > 1:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 sock.bind(address)
                 address = sock.getsockname()
                 sock.listen(1024)
@@ -508,6 +500,16 @@ def listen(host: str, port: int, copies: int = 1) -> list[list[socket.socket]]:
                 sock.close()
         raise
     return sets
+
+
+def _socket(family: int, kind: int, proto: int, *, reuse_port: bool) -> socket.socket:
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    return sock
 
 
 @contextlib.asynccontextmanager
