@@ -167,10 +167,10 @@ def load_config(path: Path) -> Config:
     limits = _limits(_Reader(path, "limits", top.take("limits", dict, {}, "a [limits] table")))
 
     schedule = _Reader(path, "schedule", top.take("schedule", dict, {}, "a [schedule] table"))
-    every = 'a duration such as "15m", "4h" or "1h30m", more than 0'
+    every = 'a duration such as "15m", "4h" or "1h30m", more than 0 and at most 365d'
     text = schedule.take("interval", str, None, every)
     sync_interval = None if text is None else parse_duration(text)
-    if text is not None and not sync_interval:
+    if text is not None and not (sync_interval and sync_interval <= 365 * 86400):  # sleep() has a bound too
         schedule.fail("interval", every, text)
     schedule.done({"interval"})
 

@@ -95,7 +95,7 @@ def test_sigterm_ends_the_syncer_with_the_server(site: Site) -> None:
     assert "Traceback" not in log, log
 
 
-@pytest.mark.parametrize("interval", ["0s", "soon", "15"])
+@pytest.mark.parametrize("interval", ["0s", "soon", "15", "366d", "99999999999999999999999999999999999999d"])
 def test_a_bad_interval_is_refused_naming_the_key(tmp_path: Path, interval: str) -> None:
     config = tmp_path / "aptguard.toml"
     config.write_text(f'data_dir = "data"\n\n[schedule]\ninterval = "{interval}"\n')
