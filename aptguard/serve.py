@@ -682,18 +682,21 @@ class Workers:
     stopped with this one.
 
     The supervisor serves nothing itself: it forks (before any thread or event loop exists, so
-    nothing a worker inherits is locked), waits, and starts a new worker for one that died
-    (after RESPAWN_DELAY when it died young, so a worker that cannot start is not forked in a
-    tight loop). SIGTERM or SIGINT is passed on to every worker, which closes its connections
+    nothing a worker inherits is locked), waits, and starts a new worker for one that died. A
+    job whose worker keeps dying within STEADY seconds waits before each new start, 1 s, then
+    twice as long each time up to MAX_DELAY: a worker that cannot start, or a syncer killed
+    (out of memory, say) in the middle of every run, is not restarted in a tight loop. SIGTERM or SIGINT is passed on to every worker, which closes its connections
     gracefully, and the supervisor returns once all have ended. A worker receives SIGTERM when
     the supervisor dies (even by SIGKILL), so no orphan keeps the port from a restarted server.
     """
 
-    RESPAWN_DELAY = 1.0
+    STEADY = 60.0  # a worker that lived this long was fine: its next restart waits nothing
+    MAX_DELAY = 60.0
 
     def __init__(self, jobs: list[Callable[[], None]]) -> None:
         self.jobs = jobs
         self.pids: dict[int, tuple[int, float]] = {}  # pid -> its job, when it started
+        self.delays = [0.0] * len(jobs)  # per job: the wait before its next start
         self.stopping = False
 
     def run(self) -> None:
@@ -707,15 +710,29 @@ class Workers:
                 if ended is None or self.stopping:
                     continue
                 n, started = ended
+                if time.monotonic() - started >= self.STEADY:
+                    self.delays[n] = 0.0
+                else:
+                    self.delays[n] = min(self.MAX_DELAY, max(1.0, 2 * self.delays[n]))
                 code = os.waitstatus_to_exitcode(status)
-                print(f"aptguard: worker {pid} ended ({_ended(code)}); starting another", file=sys.stderr, flush=True)
-                if time.monotonic() - started < self.RESPAWN_DELAY:
-                    time.sleep(self.RESPAWN_DELAY)
+                print(
+                    f"aptguard: worker {pid} ended ({_ended(code)}); starting another"
+                    + (f" in {self.delays[n]:g} s" if self.delays[n] else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
+                self._pause(self.delays[n])
                 if not self.stopping:
                     self._spawn(n)
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep, but not past a SIGTERM (a plain sleep() resumes after the signal's handler)."""
+        end = time.monotonic() + seconds
+        while not self.stopping and (left := end - time.monotonic()) > 0:
+            time.sleep(min(left, 0.1))
 
     def _spawn(self, n: int) -> None:
         parent = os.getpid()

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,6 +82,31 @@ def test_a_killed_worker_is_replaced_and_no_request_fails(site: Site) -> None:
     assert victim not in now and len(now - first) == 1
     log = (site.mirror.workdir / "serve.log").read_text()
     assert f"worker {victim} ended (signal 9); starting another" in log
+
+
+def test_a_worker_that_keeps_dying_is_restarted_ever_later_and_sigterm_does_not_wait(site: Site) -> None:
+    """1 s, 2 s, 4 s before each new start of a job that dies young (no tight restart loop);
+    SIGTERM during such a wait ends the server at once."""
+    server = site.mirror.server
+    assert server is not None
+    log = site.mirror.workdir / "serve.log"
+    workers = children(server.pid)
+    victim = min(workers)
+    for delay in (1, 2, 4):
+        os.kill(victim, signal.SIGKILL)
+        assert wait_for(
+            lambda v=victim, d=delay: f"worker {v} ended (signal 9); starting another in {d} s" in log.read_text()
+        )
+        if delay == 4:
+            break
+        assert wait_for(lambda: len(children(server.pid)) == WORKERS)
+        [victim] = children(server.pid) - workers
+        workers = children(server.pid)
+    stopped = time.monotonic()
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(timeout=20) == 0
+    assert time.monotonic() - stopped < 3, "the supervisor slept out its wait before stopping"
+    site.mirror.server = None
 
 
 def test_sigterm_ends_every_worker_and_removes_the_shared_counters(site: Site) -> None:
