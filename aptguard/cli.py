@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 from aptguard.config import Config, UpstreamConfig, find_config, load_config
 from aptguard.reasons import ADVICE, UsageError
-from aptguard.store import FileStore
+from aptguard.store import FileStore, open_store
 
 
 @dataclass
@@ -41,7 +41,7 @@ def _load(ctx: Any) -> tuple[Config, FileStore]:
         config = ctx.obj.config()
     except UsageError as exc:
         _fail(str(exc))
-    return config, FileStore(config.data_dir)
+    return config, open_store(config)
 
 
 def _upstream(config: Config, name: str) -> UpstreamConfig:

@@ -167,6 +167,12 @@ def nginx_config(
     from aptguard.nginx import render
 
     config, _store = _load(ctx)
+    if config.storage.backend != "local":
+        _fail(
+            f"{config.path}: storage.backend = {config.storage.backend!r}: nginx serves a local data folder; "
+            "with an object store, put nginx or any load balancer in front of `aptguard serve` "
+            '(README, "Deployment")'
+        )
     typer.echo(
         render(
             config.data_dir,

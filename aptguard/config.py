@@ -48,6 +48,20 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Storage:
+    """[storage]: where snapshots live (SPEC §6), and how a server of the s3 backend reads them."""
+
+    backend: str = "local"  # "local": data_dir | "s3": one bucket under prefix
+    endpoint: str | None = None  # None: the AWS default for the region
+    bucket: str = ""
+    prefix: str = "aptguard/"
+    region: str = "us-east-1"
+    refresh_seconds: float = 5.0  # [server]: how often a server re-reads the pointers
+    pool: str = "serve"  # [server]: "serve" streams pool files, "redirect" answers 302 to a presigned URL
+    cache_bytes: int = 2 * 1024**3  # [server]: this server's cache of objects
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     data_dir: Path
@@ -60,6 +74,7 @@ class Config:
     upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
     sync_interval: float | None = None  # [schedule] interval: `serve` also syncs this often (seconds)
+    storage: Storage = field(default_factory=Storage)
 
 
 def find_config(explicit: str | None) -> Path:
@@ -145,7 +160,8 @@ def load_config(path: Path) -> Config:
     server = _Reader(path, "server", top.take("server", dict, {}, "a [server] table"))
     listen = server.take("listen", str, "127.0.0.1:8080", "HOST:PORT")
     parse_listen(listen, f"{path}: server.listen")
-    server.done({"listen"})
+    storage = _storage(path, _Reader(path, "storage", top.take("storage", dict, {}, "a [storage] table")), server)
+    server.done({"listen", "refresh_seconds", "pool", "cache_bytes"})
 
     retention = _Reader(path, "retention", top.take("retention", dict, {}, "a [retention] table"))
     keep_last = retention.take("keep_last", int, 5, "a whole number >= 1")
@@ -183,7 +199,7 @@ def load_config(path: Path) -> Config:
                 f"{', '.join(sorted(RESERVED))}"
             )
         upstreams[name] = _upstream(path, base, name, table)
-    top.done({"data_dir", "server", "retention", "warnings", "limits", "schedule", "upstreams"})
+    top.done({"data_dir", "server", "storage", "retention", "warnings", "limits", "schedule", "upstreams"})
     return Config(
         path=path,
         data_dir=(base / data_dir),
@@ -196,7 +212,49 @@ def load_config(path: Path) -> Config:
         upstreams=upstreams,
         limits=limits,
         sync_interval=sync_interval,
+        storage=storage,
     )
+
+
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")  # S3's rule for bucket names
+
+
+def _storage(path: Path, r: _Reader, server: _Reader) -> Storage:
+    backend = r.take("backend", str, "local", '"local" or "s3"')
+    if backend not in ("local", "s3"):
+        r.fail("backend", '"local" (data_dir on this machine) or "s3" (an S3-compatible store)', backend)
+    values: dict[str, Any] = {"backend": backend}
+    s3_keys = ("endpoint", "bucket", "prefix", "region")
+    if backend == "local":
+        for key in s3_keys:
+            if key in r.table:
+                r.fail(key, 'nothing with backend = "local" (this key is for backend = "s3")', r.table[key])
+    else:
+        endpoint = r.take("endpoint", str, None, "an http:// or https:// URL of the S3 API")
+        if endpoint is not None and not re.match(r"^https?://[^/\s]+/?$", endpoint):
+            r.fail("endpoint", "an http:// or https:// URL of the S3 API, without a path", endpoint)
+        bucket = r.take("bucket", str, _REQUIRED, "a bucket name")
+        if not _BUCKET_RE.match(bucket) or ".." in bucket:
+            r.fail("bucket", "a bucket name of 3 to 63 lowercase letters, digits, dots and hyphens", bucket)
+        prefix = r.take("prefix", str, "aptguard/", 'a key prefix such as "aptguard/" ("" for the whole bucket)')
+        if prefix and (not prefix.endswith("/") or prefix.startswith("/") or "//" in prefix or ".." in prefix):
+            r.fail("prefix", 'a key prefix ending in "/" such as "aptguard/", or ""', prefix)
+        region = r.take("region", str, "us-east-1", "a region name such as us-east-1")
+        values |= {"endpoint": endpoint, "bucket": bucket, "prefix": prefix, "region": region}
+    r.done({"backend", *s3_keys})
+    refresh = server.take("refresh_seconds", (int, float), 5, "a number of seconds, at least 0.1 and at most 3600")
+    if not 0.1 <= refresh <= 3600:
+        server.fail("refresh_seconds", "a number of seconds, at least 0.1 and at most 3600", refresh)
+    pool = server.take("pool", str, "serve", '"serve" or "redirect"')
+    if pool not in ("serve", "redirect"):
+        server.fail("pool", '"serve" (stream pool files) or "redirect" (302 to a presigned store URL)', pool)
+    cache_text = server.take("cache_bytes", (str, int), "2GiB", 'a size such as "2GiB" or "500MiB"')
+    cache_bytes = parse_size(str(cache_text))
+    if cache_bytes is None or cache_bytes < 1024**2:
+        server.fail("cache_bytes", 'a size of at least "1MiB" such as "2GiB"', cache_text)
+    if backend == "local" and pool != "serve":
+        server.fail("pool", '"serve" with backend = "local" (a redirect needs an object store)', pool)
+    return Storage(**values, refresh_seconds=float(refresh), pool=pool, cache_bytes=cache_bytes)
 
 
 def _limits(r: _Reader) -> Limits:

@@ -22,7 +22,7 @@ from aptguard.store import FileStore
 
 
 def keep_reasons(
-    store: FileStore, name: str, keep_last: int, keep_days: float, now: datetime
+    store: FileStore, name: str, keep_last: int, keep_days: float, now: datetime, refresh_seconds: float = 5.0
 ) -> tuple[dict[str, list[str]], list[str]]:
     """Which snapshots of `name` stay and why, and which go (oldest first)."""
     ids = store.snapshot_ids(name)
@@ -37,6 +37,9 @@ def keep_reasons(
     previous = rollback_target(store, name, state)
     if previous in reasons:
         reasons[previous].append("rollback target")
+    for snap_id in store.recently_served(name, 2 * refresh_seconds):
+        if snap_id in reasons:
+            reasons[snap_id].append("served moments ago (a server may not have refreshed yet)")
     for snap_id in ids[-keep_last:]:
         reasons[snap_id].append(f"among the {keep_last} newest")
     cutoff = now - timedelta(days=keep_days)
@@ -85,7 +88,9 @@ def collect(
         report["leftovers"] = found
         plans: dict[str, list[str]] = {}
         for name in upstream_names(config, store):
-            kept, going = keep_reasons(store, name, config.keep_last, config.keep_days, now)
+            kept, going = keep_reasons(
+                store, name, config.keep_last, config.keep_days, now, config.storage.refresh_seconds
+            )
             report["kept"][name] = kept
             plans[name] = going
             for snap_id in going:
@@ -112,7 +117,9 @@ def collect(
         for name, going in plans.items():
             # Under the upstream's lease: a promote, rollback or pin decided meanwhile is honoured.
             with store.lease(name, wait_message=f"gc: waiting for another aptguard process on {name}"):
-                kept, still_going = keep_reasons(store, name, config.keep_last, config.keep_days, now)
+                kept, still_going = keep_reasons(
+                    store, name, config.keep_last, config.keep_days, now, config.storage.refresh_seconds
+                )
                 for snap_id in going:
                     if snap_id in still_going:
                         log(f"gc: removing snapshot {name}/{snap_id}")

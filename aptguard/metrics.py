@@ -110,6 +110,19 @@ class UpstreamCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         now = time.time()
+        if self.store.remote:  # the s3 backend: whether this server reaches the store
+            health = self.store.serving().health()  # type: ignore[attr-defined]
+            reachable = GaugeMetricFamily("aptguard_store_reachable", "1 if the last refresh reached the object store")
+            reachable.add_metric([], 1 if health["reachable"] else 0)
+            since = GaugeMetricFamily(
+                "aptguard_store_unreachable_seconds", "How long the object store has not answered (0: it answers)"
+            )
+            since.add_metric([], now - health["unreachable_since"] if health["unreachable_since"] else 0)
+            cached = GaugeMetricFamily("aptguard_cache_bytes", "Bytes of objects in this server's cache")
+            cached.add_metric([], health["cached_bytes"])
+            yield from (reachable, since, cached)
+            if not health["reachable"]:
+                return  # every other figure is read from the store
         report = status(self.config, self.store)["upstreams"]
         outcomes = CounterMetricFamily(
             "aptguard_sync_outcomes",

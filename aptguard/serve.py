@@ -65,6 +65,7 @@ HEADER_TIMEOUT = 10.0  # a request's headers, from the connection's start or the
 IDLE_TIMEOUT = 15.0  # a kept-alive connection waiting for its next request
 SEND_TIMEOUT = 60.0  # a response's reader that takes no byte for this long is cut (nginx's send_timeout)
 MAX_CONNECTIONS = 1000  # open client connections (fewer if the open-files limit is low)
+REDIRECT_SECONDS = 300  # pool = "redirect": how long a presigned URL is valid
 SMALL_FILE = 1 << 20  # files up to this size are answered from memory once read (indices, InRelease)
 BODY_CACHE = 64 << 20  # bytes of small files kept in memory per server process
 _T = TypeVar("_T")
@@ -101,6 +102,12 @@ class SignedFile(web.FileResponse):
             headers.popall(hdrs.ACCEPT_ENCODING)
             request = request.clone(headers=headers)
         return await super().prepare(request)
+
+
+def _pool_file(parts: list[str]) -> bool:
+    """A package or source file (pool = "redirect" sends these to the store), not an index:
+    anything outside dists/, and packages inside it (Docker keeps its pool under dists/)."""
+    return parts[0] != "dists" or parts[-1].endswith((".deb", ".udeb", ".ddeb"))
 
 
 def _not_found() -> web.Response:
@@ -223,6 +230,9 @@ class Mirror:
         self.config = config
         self.store = store
         self.counters = counters
+        # The s3 backend: pointers, manifests and cached objects of this process (store_s3.Serving).
+        self.view = store.serving() if store.remote else None  # type: ignore[attr-defined]
+        self.redirects: dict[str, tuple[float, str]] = {}  # sha256 -> (until, presigned URL)
         # Operator pages are built here, off the event loop; not in the default executor, which
         # aiohttp's FileResponse uses to open files: a flood of /status must not queue files.
         self.pages = ThreadPoolExecutor(max_workers=2, thread_name_prefix="aptguard-pages")
@@ -253,24 +263,84 @@ class Mirror:
         if not all(_WORD.match(k) for k in key) or _RAW_REFUSED.search(request.raw_path.partition("?")[0]):
             return _not_found()
         parts = _safe_parts(tail)
-        path = None if parts is None else self.store.served_file(where, key, parts)
+        if parts is None:
+            return _not_found()
+        if self.view is not None:
+            return await self.stored_file(request, where, key, parts)
+        path = self.store.served_file(where, key, parts)
         if path is None:
             return _not_found()
+        return await self.send(request, path)
+
+    async def send(self, request: web.BaseRequest, path: str) -> web.StreamResponse:
         quick = await self.quick.answer(request, path)
         if quick is not None:
             return quick
         return SignedFile(path, chunk_size=1 << 20, headers={hdrs.CONTENT_TYPE: _OCTETS})
 
+    async def stored_file(
+        self, request: web.BaseRequest, where: str, key: tuple[str, ...], parts: list[str]
+    ) -> web.StreamResponse:
+        """A file of a snapshot in the object store: from this server's cache, fetched (and
+        checked) on a miss, or a 302 to a presigned URL for pool files with pool = "redirect"."""
+        view = self.view
+        assert view is not None
+        found = view.lookup(where, key, parts)
+        if found is None and where != "snapshot":
+            # Behind a load balancer a client may have read the new InRelease from a server that
+            # refreshed first: look at the pointers now (at most every MISS_REFRESH) before a 404.
+            await view.store.arun_on_loop(view.refresh_soon())
+            found = view.lookup(where, key, parts)
+            if found is None and _pool_file(parts):
+                found = view.sibling(where, key, parts)
+        if found is None:
+            return _not_found()
+        sha256, path = found if found is not view.UNKNOWN else (None, None)
+        try:
+            if sha256 is None:
+                sha256 = await view.store.arun_on_loop(view.resolve(where, key, parts))
+                if sha256 is None:
+                    return _not_found()
+            if self.config.storage.pool == "redirect" and _pool_file(parts):
+                return await self.redirect(sha256)
+            if path is None:
+                path = await view.store.arun_on_loop(view.fetch(sha256))
+        except OSError as exc:  # the store is unreachable and this server never held the file
+            print(f"aptguard: {'/'.join(parts)}: {exc}", file=sys.stderr, flush=True)
+            return web.Response(status=503, text="503 the object store is unreachable\n")
+        return await self.send(request, path)
+
+    async def redirect(self, sha256: str) -> web.StreamResponse:
+        """302 to a presigned GET of the object, valid REDIRECT_SECONDS (reused for half of that)."""
+        assert self.view is not None
+        now = time.monotonic()
+        known = self.redirects.get(sha256)
+        if known is None or known[0] < now:
+            url = await self.view.store.arun_on_loop(self.view.presigned(sha256, REDIRECT_SECONDS))
+            if len(self.redirects) > 10_000:
+                self.redirects.clear()
+            known = self.redirects[sha256] = (now + REDIRECT_SECONDS / 2, url)
+        return web.Response(status=302, headers={hdrs.LOCATION: known[1], hdrs.CACHE_CONTROL: "no-store"})
+
     async def report(self, build: Callable[..., _T], *args: Any) -> _T:
         """Run `build` (which reads state files and snapshot summaries) in a worker thread, once
         the summaries of the current snapshots are in memory (computed off this process if not)."""
-        current = [(name, snap_id) for name in self.config.upstreams if (snap_id := self.store.current(name))]
-        await summary.prepare(self.store, current)
+        if self.view is None:  # the s3 store keeps the manifests it parsed: no child needed
+            current = [(name, snap_id) for name in self.config.upstreams if (snap_id := self.store.current(name))]
+            await summary.prepare(self.store, current)
         return await asyncio.get_running_loop().run_in_executor(self.pages, build, *args)
 
     async def status_json(self) -> web.Response:
-        text = await self.report(lambda: json.dumps(status(self.config, self.store), indent=1))
-        return web.Response(text=text, content_type="application/json")
+        view = self.view
+        if view is None:
+            text = await self.report(lambda: json.dumps(status(self.config, self.store), indent=1))
+            return web.Response(text=text, content_type="application/json")
+        try:
+            report = await self.report(status, self.config, self.store)
+        except OSError as exc:  # the store is unreachable: say so, and what this server still serves
+            report = {"error": str(exc)}
+        report["storage"] = view.health()
+        return web.Response(text=json.dumps(report, indent=1), content_type="application/json")
 
     async def index(self, request: web.BaseRequest) -> web.Response:
         body = await self.report(page.render, self.config, self.store, f"{request.scheme}://{request.host}")
@@ -522,10 +592,18 @@ async def serving(config: Config, store: FileStore, sockets: list[socket.socket]
     server = web.Server(
         guard.wrap(mirror.handle), access_log_class=guard.access_log_class, keepalive_timeout=IDLE_TIMEOUT
     )
+    refresher = None
+    if mirror.view is not None:  # the s3 backend: the pointers now, then every refresh_seconds
+        view = mirror.view
+        await store.arun_on_loop(view.refresh())  # type: ignore[attr-defined]
+        every = config.storage.refresh_seconds
+        refresher = asyncio.ensure_future(store.arun_on_loop(view.refresh_forever(every)))  # type: ignore[attr-defined]
     listeners = [await loop.create_server(guard.protocol_factory(server), sock=sock) for sock in sockets]
     try:
         yield
     finally:
+        if refresher is not None:
+            refresher.cancel()
         for listener in listeners:
             listener.close()
         guard.stop()

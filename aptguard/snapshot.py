@@ -74,11 +74,24 @@ def switch_current(store: FileStore, name: str, state: UpstreamState, new: str, 
             raise Refused(str(exc)) from None
 
 
+def _unmoved(store: FileStore, name: str, seen: str | None) -> str | None:
+    """Under the lease: current as the operator saw it before waiting for the lease, else
+    Refused naming the winner (of two racing operators exactly one wins, guarantee 10)."""
+    now = store.current(name)
+    if now != seen:
+        raise Refused(
+            f"{name}: current moved from {seen} to {now} while this command waited for the lease "
+            "(another operator or a sync changed it first); nothing was changed"
+        )
+    return now
+
+
 def promote(store: FileStore, name: str, snap_id: str) -> str | None:
     """Make a verified snapshot current and clear a hold; returns the snapshot it replaced."""
+    seen = store.current(name)
     with store.lease(name, wait_message=f"{name}: waiting for another aptguard process to finish"):
         require_snapshot(store, name, snap_id)
-        old = store.current(name)
+        old = _unmoved(store, name, seen)
         switch_current(store, name, store.read_state(name), snap_id, old, hold=False)
         return old
 
@@ -94,9 +107,10 @@ def rollback(store: FileStore, name: str, to: str | None = None) -> tuple[str | 
     becomes the new rollback target, so a second rollback undoes the first (like `cd -`), and
     gc keeps it for inspection (`aptguard diff`). Returns (replaced, now current).
     """
+    seen = store.current(name)
     with store.lease(name, wait_message=f"{name}: waiting for another aptguard process to finish"):
         state = store.read_state(name)
-        old = store.current(name)
+        old = _unmoved(store, name, seen)
         target = to or rollback_target(store, name, state)
         if target is None:
             raise Refused(
@@ -121,10 +135,16 @@ def check_pin_name(pin: str) -> None:
 def pin(store: FileStore, pin_name: str, name: str, snap_id: str) -> tuple[str, str] | None:
     """Point /pins/PIN/ at one snapshot (moving it if it exists); returns its old target."""
     check_pin_name(pin_name)
+    seen = store.pin_target(pin_name)
     # Under the upstream's lock, so that a gc deciding what to keep sees the pin or the snapshot is gone.
     with store.lease(name, wait_message=f"{name}: waiting for another aptguard process to finish"):
         require_snapshot(store, name, snap_id)
         old = store.pin_target(pin_name)
+        if old != seen:
+            raise Refused(
+                f"pin {pin_name} moved from {seen} to {old} while this command waited for the lease "
+                "(another operator changed it first); nothing was changed"
+            )
         try:
             store.set_pin(pin_name, name, snap_id, expect=old)
         except PointerMoved as exc:

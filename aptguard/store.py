@@ -62,6 +62,7 @@ from typing import BinaryIO
 
 import orjson
 
+from aptguard.config import Config
 from aptguard.reasons import Rejected
 from aptguard.records import FileRecord, Manifest, UpstreamState
 
@@ -106,6 +107,8 @@ class Layout:
 
 class FileStore:
     """A data folder on one local filesystem (hard links need one)."""
+
+    remote = False  # the s3 backend (store_s3.py) is True: no nginx, no forked helpers on its files
 
     def __init__(self, data_dir: Path) -> None:
         self.root = Path(data_dir)
@@ -457,6 +460,11 @@ class FileStore:
         (self.root / "locks").mkdir(parents=True, exist_ok=True)
         with _flock(self.root / "locks" / "pins.lock", fcntl.LOCK_EX, None):
             yield
+
+    def recently_served(self, name: str, within: float) -> set[str]:
+        """Snapshots a pointer left less than `within` seconds ago: none here, since the only
+        server of a data folder reads its pointers on every request."""
+        return set()
 
     def pins(self) -> dict[str, tuple[str, str]]:
         folder = self.root / "pins"
@@ -983,6 +991,15 @@ def fsync_dir(folder: Path) -> None:
 def storage_error(exc: OSError, what: str) -> Rejected:
     """The Rejected an OSError of the local disk becomes."""
     return Rejected("storage-error", f"{what}: {exc.strerror or exc} ({getattr(exc, 'filename', '') or 'data folder'})")
+
+
+def open_store(config: Config) -> FileStore:
+    """The store of a config's [storage]: its data folder, or a bucket (store_s3.py)."""
+    if config.storage.backend == "s3":
+        from aptguard.store_s3 import S3Store
+
+        return S3Store(config.storage, config.data_dir)  # type: ignore[return-value]
+    return FileStore(config.data_dir)
 
 
 def new_snapshot_id(existing: set[str], now: float | None = None) -> str:

@@ -85,6 +85,8 @@ async def prepare(store: FileStore, wanted: Iterable[tuple[str, str]]) -> None:
     Each missing one is computed in a child process, one child per snapshot however many
     requests wait. A child that fails is reported on stderr and left to `load`, which then
     parses in process and raises what is wrong with the manifest."""
+    if store.remote:  # the s3 store keeps the parsed manifests it read: load() is quick after the first
+        return
     for name, snap_id in wanted:
         key = _key(store, name, snap_id)
         if known(store, name, snap_id) is not None or not store.has_manifest(name, snap_id):

@@ -606,8 +606,9 @@ class _Sync:
                 files.add(exp.path, file_record(exp.size, exp.hashes), pool=True)
             self.progress.advance(self.up.name, files=len(expected))
 
-        # A light fetch (at most LIGHT_FILES) is always below TWIN_FILES.
-        if len(missing) < TWIN_FILES or (os.cpu_count() or 1) < 2 or self.concurrency < 2:
+        # A light fetch (at most LIGHT_FILES) is always below TWIN_FILES. An object store's
+        # uploads wait on the network, not on this process's GIL: no twin for them.
+        if len(missing) < TWIN_FILES or (os.cpu_count() or 1) < 2 or self.concurrency < 2 or self.store.remote:
             await self._fetch_and_store(fetcher, missing, builder, self.concurrency, stored, light=light)
             return
         # Half of the files (and of the connections) go to a forked twin: its own interpreter,

@@ -14,11 +14,20 @@ import pytest
 from fixtures.apt import AptClient
 from fixtures.keys import SigningKey, make_key
 from fixtures.repo import Repo
+from fixtures.s3 import MotoServer
 from fixtures.upstream import Upstream
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: takes several seconds (deselect with -m 'not slow')")
+
+
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """A real S3 API on 127.0.0.1 (moto's server), one per session; each test takes a fresh bucket."""
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log").start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

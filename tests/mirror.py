@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aptguard.store import FileStore
+from aptguard.config import load_config
+from aptguard.store import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -228,7 +229,7 @@ class Mirror:
     def served(self, name: str) -> dict[str, bytes]:
         """Every file of the current snapshot of NAME (as its manifest lists them), fetched over
         HTTP from /NAME/: the client's view."""
-        store = FileStore(self.data)
+        store = open_store(load_config(self.config))
         current = store.current(name)
         found: dict[str, bytes] = {}
         if current is None:
@@ -238,6 +239,25 @@ class Mirror:
             assert status == 200, f"/{name}/{rel}: HTTP {status}"
             found[rel] = body
         return found
+
+    def served_paths(self, name: str) -> list[str]:
+        """The paths the current snapshot of NAME lists (its manifest)."""
+        current = self.current(name)
+        return [] if current is None else self.store_paths(name, current)
+
+    def store_paths(self, name: str, snap_id: str, *, carried: bool = True) -> list[str]:
+        """The paths a snapshot lists (its manifest); without the by-hash entries carried from
+        older snapshots unless `carried` (a client of this snapshot asks only for its own)."""
+        manifest = open_store(load_config(self.config)).read_manifest(name, snap_id)
+        own = set(manifest.by_hash_own)
+        return sorted(p for p in manifest.files if carried or "/by-hash/" not in p or p in own)
+
+    def record(self, name: str, path: str) -> dict[str, Any]:
+        """The manifest record (size, hashes) of a path of the current snapshot of NAME."""
+        store = open_store(load_config(self.config))
+        current = store.current(name)
+        assert current is not None
+        return dict(store.read_manifest(name, current).files[path])
 
     def source_line(self, name: str, suite: str, components: list[str], keyring: Path) -> str:
         return f"deb [signed-by={keyring}] {self.url}/{name} {suite} {' '.join(components)}".rstrip()

@@ -15,11 +15,14 @@ import subprocess
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
+from fixtures.apt import AptClient, AptResult
 from fixtures.keys import SigningKey, write_keyring
 from fixtures.repo import Repo
 from fixtures.upstream import Upstream
@@ -294,3 +297,37 @@ class SlowLink:
 
 _FORWARDED = {"if-modified-since", "if-none-match", "range", "if-range", "user-agent"}
 _RETURNED = {"content-type", "last-modified", "etag", "content-range", "accept-ranges"}
+
+
+def update_storm(
+    clients: list[AptClient], promote: Callable[[], object], *, promotions: int, pause: float, max_seconds: float
+) -> list[AptResult]:
+    """Every client runs `apt-get update` in a loop while `promote()` runs `promotions` times,
+    `pause` seconds apart; every result. Even-numbered clients are fresh CI runners (their
+    lists removed before each update), odd ones long-lived hosts (If-Modified-Since)."""
+    results: list[AptResult] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+    deadline = time.monotonic() + max_seconds
+
+    def loop(n: int, client: AptClient) -> None:
+        lists = client.workdir / "state" / "lists"
+        while not stop.is_set() and time.monotonic() < deadline:
+            if n % 2 == 0 and lists.is_dir():
+                for old in lists.iterdir():
+                    if old.is_file():
+                        old.unlink()
+            result = client.update()
+            with lock:
+                results.append(result)
+
+    with ThreadPoolExecutor(len(clients)) as pool:
+        futures = [pool.submit(loop, n, c) for n, c in enumerate(clients)]
+        time.sleep(1.0)
+        for _ in range(promotions):
+            promote()
+            time.sleep(pause)
+        stop.set()
+        for future in futures:
+            future.result()
+    return results

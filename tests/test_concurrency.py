@@ -10,16 +10,13 @@ rate is measured and printed (it cannot be zero without re-signing the Release).
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from fixtures.apt import AptClient, AptResult
-from tests.servers import Site, SlowLink
+from tests.servers import Site, SlowLink, update_storm
 
 CLIENTS = 20
 PROMOTIONS = 4
@@ -64,32 +61,8 @@ def storm(site: Site, server: str, tmp_path: Path, max_seconds: float = 45) -> t
     clients = [AptClient(tmp_path / server / f"c{i:02d}") for i in range(CLIENTS)]
     for client in clients:
         client.set_sources([client.source_line(f"{link.url}/example", Site.SUITE, ["main"], site.keyring)])
-    results: list[AptResult] = []
-    lock = threading.Lock()
-    stop = threading.Event()
-    deadline = time.monotonic() + max_seconds
-
-    def loop(n: int, client: AptClient) -> None:
-        lists = client.workdir / "state" / "lists"
-        while not stop.is_set() and time.monotonic() < deadline:
-            if n % 2 == 0:
-                for old in lists.iterdir():
-                    if old.is_file():
-                        old.unlink()
-            result = client.update()
-            with lock:
-                results.append(result)
-
     try:
-        with ThreadPoolExecutor(CLIENTS) as pool:
-            futures = [pool.submit(loop, n, c) for n, c in enumerate(clients)]
-            time.sleep(1.0)
-            for _ in range(PROMOTIONS):
-                site.new_version()
-                time.sleep(DELAY)
-            stop.set()
-            for future in futures:
-                future.result()
+        results = update_storm(clients, site.new_version, promotions=PROMOTIONS, pause=DELAY, max_seconds=max_seconds)
     finally:
         link.stop()
     for client in clients:  # afterwards, straight to the server

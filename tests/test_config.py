@@ -36,6 +36,15 @@ CASES = {
     "bad listen": ('[server]\nlisten = "localhost"\n', ["server.listen", "HOST:PORT"]),
     "not toml": ("data_dir = \n", ["not valid TOML"]),
     "unknown policy": (GOOD + 'policy = "lazy"\n', ["policy", "immediate"]),
+    "unknown backend": ('[storage]\nbackend = "nfs"\n', ["storage.backend", '"s3"']),
+    "s3 without bucket": ('[storage]\nbackend = "s3"\n', ["storage.bucket", "required"]),
+    "bad bucket": ('[storage]\nbackend = "s3"\nbucket = "My_Bucket"\n', ["storage.bucket", "lowercase"]),
+    "bad prefix": ('[storage]\nbackend = "s3"\nbucket = "apt"\nprefix = "/x"\n', ["storage.prefix", "ending in"]),
+    "bad endpoint": ('[storage]\nbackend = "s3"\nbucket = "apt"\nendpoint = "s3.example"\n', ["storage.endpoint"]),
+    "s3 key on local": ('[storage]\nbucket = "apt"\n', ["storage.bucket", 'backend = "s3"']),
+    "redirect on local": ('[server]\npool = "redirect"\n', ["server.pool", "object store"]),
+    "bad refresh": ("[server]\nrefresh_seconds = 0\n", ["server.refresh_seconds", "at least 0.1"]),
+    "bad cache size": ('[server]\ncache_bytes = "lots"\n', ["server.cache_bytes", "2GiB"]),
 }
 
 
