@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 from aptguard.config import Config, UpstreamConfig, find_config, load_config
 from aptguard.reasons import ADVICE, UsageError
-from aptguard.store import FileStore, open_store
+from aptguard.store import FileStore, StoreError, open_store
 
 
 @dataclass
@@ -260,6 +260,9 @@ def _run(argv: list[str]) -> int:
     except UsageError as exc:
         echo(f"aptguard: {exc}", err=True)
         return 2
+    except StoreError as exc:  # the object store failed under a command: what was stored is unchanged
+        echo(f"aptguard: storage-error: {exc}; check [storage] in the config and that the store answers", err=True)
+        return 1
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
             return exc.code or 0

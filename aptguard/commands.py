@@ -328,6 +328,37 @@ def gc(
 
 
 @app.command()
+def migrate(
+    ctx: typer.Context,
+    source: Annotated[str, typer.Option("--from", help="the data folder of the local mirror to copy")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Copy a local mirror (snapshots, state, current, pins) into the config's object store."""
+    from pathlib import Path
+
+    from aptguard.migrate import migrate as copy
+
+    config, store = _load(ctx)
+    if not store.remote:
+        _fail(f'{config.path}: [storage] backend = "s3" is needed: migrate copies a data folder into a bucket')
+    local = FileStore(Path(source))
+    if not (local.root / "meta").is_dir() or not (local.root / "snapshots").is_dir():
+        _fail(f"--from {source}: not an aptguard data folder (no snapshots/ and meta/ in it)")
+    store.ensure()
+    with local.collection_lock(exclusive=False, wait_message="migrate: waiting for a running gc to finish"):
+        report = copy(local, store, log=lambda m: None if as_json else typer.echo(f"migrate: {m}"))  # type: ignore[arg-type]
+    if as_json:
+        _print_json(report)
+        return
+    for pointer in report["pointers"]:
+        typer.echo(f"migrate: set {pointer}")
+    typer.echo(
+        f"migrate: {report['snapshots']} snapshots copied ({report['skipped']} already in the store), "
+        f"{report['objects']} objects uploaded ({report['bytes']} bytes)"
+    )
+
+
+@app.command()
 def fsck(
     ctx: typer.Context,
     name: Annotated[str | None, typer.Argument(help="one upstream (default: all)")] = None,

@@ -80,6 +80,10 @@ _TREE_FORMAT = 1
 SERVED_PATHS = 100_000  # served_file's memory of resolved URL paths (about 30 MB when full)
 
 
+class StoreError(OSError):
+    """The object store failed (denied, unreachable, damaged): a storage-error, never a crash."""
+
+
 class PointerMoved(Exception):
     """A pointer was not what the caller read: another operator changed it first (exit 1)."""
 

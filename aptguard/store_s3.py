@@ -52,7 +52,7 @@ import orjson
 from aptguard.config import Storage
 from aptguard.reasons import Rejected
 from aptguard.records import FileRecord, Manifest, UpstreamState
-from aptguard.store import FileStore, PointerMoved, StoredFile, _dumps, _loads
+from aptguard.store import FileStore, PointerMoved, StoredFile, StoreError, _dumps, _loads
 
 _T = TypeVar("_T")
 
@@ -63,10 +63,6 @@ MISS_REFRESH = 0.25  # a server re-reads the pointers on a 404 at most this ofte
 MANIFESTS = 16
 HISTORY = 16  # earlier targets a pointer remembers (with when it left them), for gc  # parsed manifests kept in memory (immutable: never re-read)
 _CHUNK = 1 << 20
-
-
-class StoreError(OSError):
-    """The object store failed (denied, unreachable, broken): a storage-error, never a crash."""
 
 
 def _code(exc: BaseException) -> str:
@@ -268,18 +264,20 @@ class S3Store:
             pass  # stored already: the same bytes, by their name
 
     def adopt(self, tmp_file: Path, sha256: str, mtime: float | None = None) -> None:
-        """Upload a verified download (whole, or in parts past PART bytes) and remove it."""
+        """Upload a verified download and remove it."""
         try:
-            size = os.path.getsize(tmp_file)
-            if size <= PART:
-                self.put_bytes(Path(tmp_file).read_bytes(), sha256, mtime)
-            elif self.object_size(sha256) is None:
-                rel = self._object_rel(sha256)
-                meta = {"mtime": _mtime_ns(mtime)}
-                with contextlib.suppress(_Precondition):
-                    self._do(_upload_parts, self.bucket, self._key(rel), str(tmp_file), meta, what=rel)
+            self.upload(tmp_file, sha256, mtime)
         finally:
             Path(tmp_file).unlink(missing_ok=True)
+
+    def upload(self, path: Path, sha256: str, mtime: float | None = None) -> None:
+        """Store a verified file as an object: whole, or in parts past PART bytes."""
+        if os.path.getsize(path) <= PART:
+            self.put_bytes(Path(path).read_bytes(), sha256, mtime)
+        elif self.object_size(sha256) is None:
+            rel = self._object_rel(sha256)
+            with contextlib.suppress(_Precondition):
+                self._do(_upload_parts, self.bucket, self._key(rel), str(path), {"mtime": _mtime_ns(mtime)}, what=rel)
 
     def open_object(self, sha256: str) -> BinaryIO:
         """A stored object's bytes, checked against its name, in a temporary file of this machine."""
