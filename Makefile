@@ -45,6 +45,7 @@ bench: setup debs
 	$(BIN)/python bench/parse_index.py --deb822 --results bench/RESULTS.md
 	$(BIN)/python bench/promote.py --results bench/RESULTS.md
 	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/s3.py
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache

@@ -34,6 +34,7 @@ error, never a byte apt sees.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import os
@@ -56,12 +57,14 @@ from aptguard.store import FileStore, PointerMoved, StoredFile, StoreError, _dum
 
 _T = TypeVar("_T")
 
+UPLOADS = 32  # objects a snapshot builder uploads at once
 PART = 64 * 1024**2  # files past this upload in parts (S3 allows 10,000 parts: 640 GB)
 LEASE_SECONDS = 60.0  # a lease lapses this long after its holder last renewed it
 LEASE_POLL = 0.5  # how often a waiter looks again
 MISS_REFRESH = 0.25  # a server re-reads the pointers on a 404 at most this often
-MANIFESTS = 16
-HISTORY = 16  # earlier targets a pointer remembers (with when it left them), for gc  # parsed manifests kept in memory (immutable: never re-read)
+MANIFESTS = 16  # snapshots a server keeps ready to serve (each a path -> SHA256 table)
+PARSED = 4  # parsed manifests a process keeps (immutable: a hit is never re-read)
+HISTORY = 16  # earlier targets a pointer remembers (with when it left them), for gc
 _CHUNK = 1 << 20
 
 
@@ -147,6 +150,11 @@ class S3Store:
         self._manifests: OrderedDict[tuple[str, str], Manifest] = OrderedDict()
         self._manifest_lock = threading.Lock()
         self._serving: Serving | None = None
+        self._listing_lock = threading.Lock()
+        self._listing = False  # while a sync holds the collection lock: object_size lists the objects once
+        self._listed: dict[str, int] | None = None  # sha256 -> size, that listing
+        self._uploads = threading.BoundedSemaphore(UPLOADS)
+        self._live_view: Serving | None = None
 
     def __repr__(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}"
@@ -250,18 +258,41 @@ class S3Store:
         return f"objects/{sha256[:2]}/{sha256}"
 
     def object_size(self, sha256: str) -> int | None:
+        """From the listing made at the start of this sync (one request per 1,000 objects, not
+        one per object); else asked of the store."""
+        listed = self._listed
+        if listed is None and self._listing:
+            with self._listing_lock:
+                if self._listed is None:
+                    self._listed = {item["Key"].rsplit("/", 1)[-1]: item["Size"] for item in self._list("objects/")}
+                listed = self._listed
+        if listed is not None:
+            return listed.get(sha256)
         try:
             return self._do(_head_size, self.bucket, self._key(self._object_rel(sha256)), what=self._object_rel(sha256))
         except _Missing:
             return None
 
     def put_bytes(self, data: bytes, sha256: str, mtime: float | None = None) -> None:
+        self._client().call(self._put_new(data, sha256, mtime))
+
+    async def _put_new(self, data: bytes, sha256: str, mtime: float | None) -> None:
+        """Create an object unless it exists (the same bytes, by their name); on the store's loop."""
         rel = self._object_rel(sha256)
         meta = {"mtime": _mtime_ns(mtime)}
-        try:
-            self._do(_put_object, self.bucket, self._key(rel), data, None, True, meta, what=rel)
-        except _Precondition:
-            pass  # stored already: the same bytes, by their name
+        with contextlib.suppress(_Precondition):
+            await self._guard(
+                _put_object(self._client().client, self.bucket, self._key(rel), data, None, True, meta), rel
+            )
+        if self._listed is not None:
+            self._listed[sha256] = len(data)
+
+    def put_soon(self, data: bytes, sha256: str) -> concurrent.futures.Future[None]:
+        """Start storing an object and return at once (at most UPLOADS in flight: then it waits)."""
+        self._uploads.acquire()
+        future = asyncio.run_coroutine_threadsafe(self._put_new(data, sha256, None), self._client().loop)
+        future.add_done_callback(lambda _done: self._uploads.release())
+        return future
 
     def adopt(self, tmp_file: Path, sha256: str, mtime: float | None = None) -> None:
         """Upload a verified download and remove it."""
@@ -355,7 +386,7 @@ class S3Store:
         manifest = Manifest.from_json(_loads(got[0]), source=f"{self}{rel}")
         with self._manifest_lock:
             self._manifests[(name, snap_id)] = manifest
-            while len(self._manifests) > MANIFESTS:
+            while len(self._manifests) > PARSED:
                 self._manifests.popitem(last=False)
         return manifest
 
@@ -504,17 +535,20 @@ class S3Store:
 
     # ------------------------------------------------------------ serving
 
-    def serving(self, *, live: bool = False) -> Serving:
+    def serving(self) -> Serving:
         """This process's view for a server (one per process: made again after a fork)."""
         view = self._serving
         if view is None or view.pid != os.getpid():
-            view = self._serving = Serving(self, live=live)
+            view = self._serving = Serving(self, live=False)
         return view
 
     def served_file(self, where: str, key: tuple[str, ...], parts: list[str]) -> str | None:
         """The local cached copy of the file a URL path of a snapshot names, or None (a 404);
-        pointers read now (the server reads them every refresh_seconds instead: Serving)."""
-        return self._client().call(self.serving(live=True).file(where, key, parts))
+        pointers read now (a server reads them every refresh_seconds instead: serving())."""
+        view = self._live_view
+        if view is None or view.pid != os.getpid():
+            view = self._live_view = Serving(self, live=True)
+        return self._client().call(view.file(where, key, parts))
 
     # ------------------------------------------------------------ leftovers
 
@@ -563,9 +597,13 @@ class S3Store:
             return
         told = False
         while True:
-            with self._held(f"leases/sync/{_holder()}", None):
+            with self._held(f"leases/sync/{_holder()}", None, unique=True):
                 if not self._live("leases/gc"):
-                    yield
+                    self._listing = True  # no gc until this lease goes: a listing of objects stays true
+                    try:
+                        yield
+                    finally:
+                        self._listing, self._listed = False, None
                     return
             if wait_message and not told:
                 print(wait_message, flush=True)
@@ -582,8 +620,9 @@ class S3Store:
         return False
 
     @contextlib.contextmanager
-    def _held(self, rel: str, wait_message: str | None) -> Iterator[None]:
-        lease = _Lease(self, rel)
+    def _held(self, rel: str, wait_message: str | None, *, unique: bool = False) -> Iterator[None]:
+        """Hold the lease `rel`; a `unique` one (named for its holder) is deleted when let go."""
+        lease = _Lease(self, rel, unique=unique)
         lease.acquire(wait_message)
         try:
             yield
@@ -594,9 +633,10 @@ class S3Store:
 class _Lease:
     """A lease object: created if absent, taken over if expired, renewed while held."""
 
-    def __init__(self, store: S3Store, rel: str) -> None:
+    def __init__(self, store: S3Store, rel: str, *, unique: bool = False) -> None:
         self.store = store
         self.rel = rel
+        self.unique = unique
         self.holder = _holder()
         self.etag: str | None = None
         self._stop = threading.Event()
@@ -636,7 +676,10 @@ class _Lease:
         if self._renewer is not None:
             self._renewer.join()
         with contextlib.suppress(_Precondition, OSError):  # lapsed and taken, or the store is down: it lapses
-            self.store._put(self.rel, _dumps({"holder": None, "expires": 0}), if_match=self.etag)
+            if self.unique:
+                self.store._delete([self.rel])
+            else:
+                self.store._put(self.rel, _dumps({"holder": None, "expires": 0}), if_match=self.etag)
 
 
 def _mtime_ns(mtime: float | None) -> str:
@@ -666,16 +709,26 @@ class S3SnapshotBuilder:
         self.files: dict[str, str] = {}
         self.written = 0
         self._lock = threading.Lock()
+        self._pending: list[concurrent.futures.Future[None]] = []
 
     def add(self, path: str, sha256: str, *, pool: bool | None) -> None:
         with self._lock:
             self.files[path] = sha256
 
     def put(self, path: str, sha256: str, data: bytes) -> None:
-        self.store.put_bytes(data, sha256)
+        """Verified bytes of a pool file: their upload starts now, commit() waits for it."""
+        future = self.store.put_soon(data, sha256)
         with self._lock:
+            self._pending.append(future)
             self.files[path] = sha256
             self.written += 1
+
+    def _uploaded(self) -> None:
+        """Wait for every upload started; the first failure is raised."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
 
     def placed(self, path: str) -> bool:
         return False
@@ -690,6 +743,7 @@ class S3SnapshotBuilder:
     def commit(self, manifest: Manifest, by_hash: dict[str, FileRecord]) -> None:
         """The by-hash side file, then the manifest (created, never replaced): the snapshot exists."""
         store = self.store
+        self._uploaded()
         paths = sorted(self.files)
         for path, following in zip(paths, paths[1:], strict=False):
             if following.startswith(path + "/"):  # a file and a folder: the local backend cannot hold it either
@@ -707,6 +761,8 @@ class S3SnapshotBuilder:
 
     def abort(self) -> None:
         """Objects already uploaded stay until gc: nothing names them."""
+        with contextlib.suppress(Exception):
+            self._uploaded()
 
 
 class _View:
@@ -873,9 +929,14 @@ class Serving:
                     exists.add((words[1], words[2][: -len(".json")]))
             for snapshot in [s for s in self.views if s not in exists]:
                 del self.views[snapshot]  # removed by gc: its URLs answer 404 from now on
-            for snapshot in set(table.values()):
+            for pointer, snapshot in list(table.items()):
                 if snapshot not in exists or await self._load(snapshot) is None:
-                    table = {k: v for k, v in table.items() if v != snapshot}  # named but gone: a 404
+                    # Named but gone (damage for fsck): keep serving what this pointer named before.
+                    old = self.pointers.get(pointer)
+                    if old is not None and old in self.views:
+                        table[pointer] = old
+                    else:
+                        del table[pointer]
         except (_Missing, StoreError) as exc:
             if self.unreachable_since is None:
                 self.unreachable_since = time.time()
@@ -930,7 +991,10 @@ class Serving:
         tmp = f"{path}.{os.getpid()}.tmp"
         try:
             with open(tmp, "wb") as handle:
-                mtime = await store.arun(_get_into, store.bucket, store._key(rel), handle, sha256, what=rel)
+                try:
+                    mtime = await store.arun(_get_into, store.bucket, store._key(rel), handle, sha256, what=rel)
+                except _Missing:
+                    raise StoreError(f"{store}{rel}: listed by a snapshot but not in the store (run fsck)") from None
             os.chmod(tmp, 0o444)
             if mtime is not None:
                 os.utime(tmp, ns=(mtime, mtime))

@@ -82,10 +82,18 @@ def main() -> int:
             run = servers[label].sync()
             if run.returncode != 0:
                 raise RuntimeError(f"{label} sync failed:\n{run.output}")
-        for server in servers.values():
+        first: dict[str, float] = {}
+        for label, server in servers.items():
             server.start_server()
             # Warm: the s3 servers fetch the files into their cache (serve) or presign (redirect).
-            subprocess.run(["curl", "-s", "-L", "-o", "/dev/null", f"{server.url}/example/{deb}"], check=True)
+            first[label] = float(
+                subprocess.run(
+                    ["curl", "-s", "-L", "-o", "/dev/null", "-w", "%{time_total}", f"{server.url}/example/{deb}"],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+            )
             subprocess.run(
                 ["curl", "-s", "-o", "/dev/null", f"{server.url}/example/dists/{SUITE}/InRelease"], check=True
             )
@@ -103,6 +111,8 @@ def main() -> int:
                 got.setdefault(".deb MB/s (one curl -L)", []).append(
                     statistics.median(curl_mb_s(f"{server.url}/example/{deb}") for _ in range(3))
                 )
+        for label in servers:
+            figures[label]["first .deb request, ms"] = [first[label] * 1000]
         rows = list(figures["local"])
         print(f"\none server, one worker each; wrk -t2 -c{args.connections} {args.seconds}s; medians of {args.runs}")
         print(f"{'':28}" + "".join(f"{label:>14}" for label in servers) + f"{'s3/local':>11}{'redir/local':>13}")

@@ -460,6 +460,34 @@ class Aptguard(Tool):
         return sum(1 for p in listed if store.served_file("current", ("bench",), p.split("/")))
 
 
+class AptguardS3(Aptguard):
+    """aptguard syncing into a bucket of moto's S3 server on 127.0.0.1 (started once, a bucket per run)."""
+
+    name = "aptguard-s3"
+    moto = None
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        from fixtures.s3 import MotoServer
+
+        if AptguardS3.moto is None:
+            AptguardS3.moto = MotoServer(CACHE.parent / "moto.log").start()
+        bucket = AptguardS3.moto.new_bucket()
+        self.config.write_text(self.config.read_text() + "\n" + AptguardS3.moto.storage_toml(bucket))
+
+    def debs(self) -> int:
+        """The .deb files the current snapshot lists whose object is in the bucket."""
+        from aptguard.config import load_config
+        from aptguard.store import open_store
+
+        store = open_store(load_config(self.config))
+        current = store.current("bench")
+        if current is None:
+            return 0
+        listed = store.read_manifest("bench", current).files
+        return sum(1 for p, r in listed.items() if p.endswith(".deb") and store.object_size(r["sha256"]) is not None)
+
+
 class Baseline(Aptguard):
     """aptguard at another git revision (--baseline), exported to a folder of its own."""
 
@@ -577,7 +605,14 @@ def bench_shape(shape: str, runs: int, work: Path, tools: list[str], entries: bo
     www.mkdir()
     nginx = Nginx(work / "nginx", www)
     table = Table(shape)
-    classes = {"aptguard": Aptguard, "baseline": Baseline, "aptly": Aptly, "apt-mirror2": AptMirror2, "floor": Floor}
+    classes = {
+        "aptguard": Aptguard,
+        "aptguard-s3": AptguardS3,
+        "baseline": Baseline,
+        "aptly": Aptly,
+        "apt-mirror2": AptMirror2,
+        "floor": Floor,
+    }
     try:
         for r in range(runs):
             # Each run starts with another tool, so no tool always follows the upstream's build
@@ -676,6 +711,13 @@ def render(tables: list[Table], runs: int) -> str:
                 f"| peak RSS, {phase} | " + " | ".join(cell(tool, phase, "rss") for tool in TOOLS[:3])
                 + f" | - | {ratio('aptguard', 'aptly', phase, 'rss')} | - |"
             )  # fmt: skip
+        if any(tool == "aptguard-s3" for tool, _ in t.runs):
+            lines += ["", "| phase | aptguard (local) | aptguard-s3 (moto) | s3/local |", "|---|---|---|---|"]
+            for phase in PHASES:
+                lines.append(
+                    f"| {phase} | {cell('aptguard', phase, 'time')} | {cell('aptguard-s3', phase, 'time')} "
+                    f"| {ratio('aptguard-s3', 'aptguard', phase, 'time')} |"
+                )
         if any(tool == "baseline" for tool, _ in t.runs):
             lines += ["", "| phase | aptguard | baseline | aptguard/baseline |", "|---|---|---|---|"]
             for phase in PHASES:
