@@ -711,25 +711,21 @@ def render(tables: list[Table], runs: int) -> str:
                 f"| peak RSS, {phase} | " + " | ".join(cell(tool, phase, "rss") for tool in TOOLS[:3])
                 + f" | - | {ratio('aptguard', 'aptly', phase, 'rss')} | - |"
             )  # fmt: skip
-        if any(tool == "aptguard-s3" for tool, _ in t.runs):
-            lines += ["", "| phase | aptguard (local) | aptguard-s3 (moto) | s3/local |", "|---|---|---|---|"]
-            for phase in PHASES:
-                lines.append(
-                    f"| {phase} | {cell('aptguard', phase, 'time')} | {cell('aptguard-s3', phase, 'time')} "
-                    f"| {ratio('aptguard-s3', 'aptguard', phase, 'time')} |"
-                )
-        if any(tool == "baseline" for tool, _ in t.runs):
-            lines += ["", "| phase | aptguard | baseline | aptguard/baseline |", "|---|---|---|---|"]
-            for phase in PHASES:
-                lines.append(
-                    f"| {phase} | {cell('aptguard', phase, 'time')} | {cell('baseline', phase, 'time')} "
-                    f"| {ratio('aptguard', 'baseline', phase, 'time')} |"
-                )
-            for phase in PHASES:
-                lines.append(
-                    f"| peak RSS, {phase} | {cell('aptguard', phase, 'rss')} | {cell('baseline', phase, 'rss')} "
-                    f"| {ratio('aptguard', 'baseline', phase, 'rss')} |"
-                )
+        # aptguard beside another way of running it: into a bucket, or as of another revision.
+        for other, head in (
+            ("aptguard-s3", "aptguard-s3 (moto) | aptguard-s3/aptguard"),
+            ("baseline", "baseline | aptguard/baseline"),
+        ):
+            if not any(tool == other for tool, _ in t.runs):
+                continue
+            a, b = (other, "aptguard") if other == "aptguard-s3" else ("aptguard", other)
+            lines += ["", f"| phase | aptguard | {head} |", "|---|---|---|---|"]
+            for what, label in (("time", "{}"), ("rss", "peak RSS, {}")):
+                for phase in PHASES:
+                    lines.append(
+                        f"| {label.format(phase)} | {cell('aptguard', phase, what)} | {cell(other, phase, what)} "
+                        f"| {ratio(a, b, phase, what)} |"
+                    )
         if t.entries:
             lines += [
                 "",
