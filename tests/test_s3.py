@@ -433,7 +433,9 @@ def test_a_damaged_object_is_never_served_and_fsck_names_it(fleet: Fleet, moto: 
     assert deb in fsck.output, fsck.output
 
 
-def test_an_unreachable_or_missing_store_is_a_storage_error(fleet: Fleet, moto: MotoServer) -> None:
+def test_an_unreachable_missing_or_denied_store_is_a_storage_error(
+    fleet: Fleet, moto: MotoServer, tmp_path: Path
+) -> None:
     fleet.new_version()  # the upstream has something new to store
     nowhere = fleet.node("nowhere")
     nowhere.top["storage"] = {**nowhere.top["storage"], "endpoint": f"http://127.0.0.1:{free_port()}"}
@@ -441,12 +443,23 @@ def test_an_unreachable_or_missing_store_is_a_storage_error(fleet: Fleet, moto: 
     missing = fleet.node("missing")
     missing.top["storage"] = {**missing.top["storage"], "bucket": "no-such-bucket"}
     missing.write_config()
+    denying = MotoServer(tmp_path / "denying-moto.log", deny=True).start()
+    denied = fleet.node("denied")
+    denied.top["storage"] = {**denied.top["storage"], "endpoint": denying.endpoint}
+    denied.write_config()
     served = fleet.servers[0].served(NAME)
-    for broken in (nowhere, missing):
-        run = broken.sync("--log-format", "json")
-        assert run.returncode == 1, run.output
-        assert "storage-error" in run.output, run.output
-        assert broken.run("promote", NAME, "20260101T000000Z").returncode != 0
+    try:
+        with pytest.raises(Exception, match="InvalidAccessKeyId"):
+            denying.client().list_objects_v2(Bucket=fleet.bucket)  # the store really denies
+        brokens = (nowhere, missing, denied)
+        for broken in brokens:
+            run = broken.sync("--log-format", "json")
+            assert run.returncode == 1, run.output
+            assert "storage-error" in run.output, run.output
+            promote = broken.run("promote", NAME, "20260101T000000Z")
+            assert promote.returncode == 1 and "storage-error" in promote.stderr, promote.output
+    finally:
+        denying.stop()
     assert fleet.servers[0].served(NAME) == served
 
 
