@@ -39,6 +39,7 @@ import contextlib
 import hashlib
 import os
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -457,7 +458,10 @@ class S3Store:
         got = self._get(rel)
         if got is None:
             return {}, None
-        body = orjson.loads(got[0])
+        try:
+            body = orjson.loads(got[0])
+        except ValueError as exc:
+            raise StoreError(f"{self}{rel}: not an object aptguard wrote ({exc}); restore it or remove it") from None
         return (body if isinstance(body, dict) else {}), got[1]
 
     def _swap(self, rel: str, etag: str | None, body: dict[str, Any], old: dict[str, Any]) -> bool:
@@ -590,7 +594,7 @@ class S3Store:
                 told = False
                 while self._live("leases/sync/"):
                     if wait_message and not told:
-                        print(wait_message, flush=True)
+                        print(wait_message, file=sys.stderr, flush=True)
                         told = True
                     time.sleep(LEASE_POLL)
                 yield
@@ -606,7 +610,7 @@ class S3Store:
                         self._listing, self._listed = False, None
                     return
             if wait_message and not told:
-                print(wait_message, flush=True)
+                print(wait_message, file=sys.stderr, flush=True)
                 told = True
             time.sleep(LEASE_POLL)
 
@@ -656,7 +660,7 @@ class _Lease:
                 except _Precondition:
                     continue  # another took it first: look again
             if wait_message and not told:
-                print(f"{wait_message} (held by {body.get('holder')})", flush=True)
+                print(f"{wait_message} (held by {body.get('holder')})", file=sys.stderr, flush=True)
                 told = True
             time.sleep(LEASE_POLL)
         self._renewer = threading.Thread(target=self._renew, name="aptguard-lease", daemon=True)
@@ -917,7 +921,15 @@ class Serving:
                     table[(kind, words[2])] = old
                     continue
                 got = await store.arun(_get_object, store.bucket, item["Key"], what=rel)
-                body = orjson.loads(got[0])
+                try:
+                    body = orjson.loads(got[0])
+                    if not isinstance(body, dict):
+                        raise ValueError("not a JSON object")
+                except ValueError as exc:  # damaged (fsck's to name): keep what this pointer named
+                    self.error = f"{rel}: unreadable pointer: {exc}"
+                    if old is not None:
+                        table[(kind, words[2])] = old
+                    continue
                 target = (words[2], body["snapshot"]) if kind == "current" and body.get("snapshot") else _pin(body)
                 if target is not None:
                     table[(kind, words[2])] = target
@@ -965,7 +977,11 @@ class Serving:
     async def refresh_forever(self, every: float) -> None:
         while True:
             await asyncio.sleep(every)
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception as exc:  # noqa: BLE001 - a bug or a damaged pointer: keep serving, say so, retry
+                self.error = f"refresh failed: {type(exc).__name__}: {exc}"
+                print(f"aptguard: {self.store}: {self.error}", file=sys.stderr, flush=True)
 
     async def fetch(self, sha256: str) -> str:
         """The local path of an object, downloaded (checked against its name) if not cached;
