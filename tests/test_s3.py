@@ -572,6 +572,17 @@ def test_a_local_mirror_moves_into_a_bucket_and_serves_the_same(
         assert again.returncode == 0 and json.loads(again.stdout)["skipped"] == 2, again.output
         assert fleet.syncer.snapshots(NAME) == local.snapshots(NAME)
         assert fleet.syncer.current(NAME) == local.current(NAME)
+        # Every command answers the same on both backends (the same JSON).
+        for command in (
+            ("status", "--json"),
+            ("snapshots", NAME, "--json"),
+            ("diff", NAME, "previous", "current", "--json"),
+            ("gc", "--dry-run", "--json"),
+            ("fsck", "--json"),
+        ):
+            on_local, on_s3 = local.run(*command), fleet.syncer.run(*command)
+            assert on_local.returncode == 0 and on_local.stdout.strip(), (command, on_local.output)
+            assert (on_s3.returncode, on_s3.stdout) == (0, on_local.stdout), (command, on_s3.output)
         local.start_server()
         fleet.start()
         server = fleet.servers[0]
