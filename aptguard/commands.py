@@ -77,6 +77,9 @@ def serve(
             except UsageError as exc:
                 _fail(f"{exc} (upstreams.{up.name}.keyring in {config.path})")
     store.ensure()
+    from aptguard.ondemand import discard_dead_work
+
+    discard_dead_work(store.root / "tmp")  # on-demand downloads of a killed server
     shared = None
     if workers > 1:  # before prometheus_client is imported: it picks its mode then (metrics.py)
         shared = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="aptguard-metrics-")
@@ -136,7 +139,9 @@ def snapshots(ctx: typer.Context, name: str, as_json: Annotated[bool, typer.Opti
             f"{s} {i['date']}" + (f" valid-until {i['valid_until']}" if i["valid_until"] else "")
             for s, i in snap["suites"].items()
         )
-        typer.echo(f"{snap['id']}{marks}  {snap['files']} files {snap['bytes']} bytes  {suites}")
+        listed = snap.get("on_demand")
+        on_demand = f" (+{listed['files']} on demand, {listed['bytes']} bytes)" if listed else ""
+        typer.echo(f"{snap['id']}{marks}  {snap['files']} files {snap['bytes']} bytes{on_demand}  {suites}")
 
 
 @app.command()
@@ -181,6 +186,7 @@ def nginx_config(
             Path(runtime_dir),
             user=user,
             server_only=server_only,
+            on_demand=any(up.policy == "on-demand" for up in config.upstreams.values()),
         ),
         nl=False,
     )
@@ -325,6 +331,41 @@ def gc(
         typer.echo(f"gc: would discard {len(report['leftovers'])} leftovers of interrupted runs")
     mb = report["bytes"] / 1e6
     typer.echo(f"gc: {verb} {report['objects']} unused stored files; {report['bytes']} bytes ({mb:.1f} MB) freed")
+
+
+@app.command()
+def prefetch(
+    ctx: typer.Context,
+    name: str,
+    packages: Annotated[list[str] | None, typer.Argument(metavar="[PACKAGE]...")] = None,
+    snapshot: Annotated[str, typer.Option("--snapshot", help="snapshot id, `current` or `previous`")] = "current",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """On-demand upstreams: fetch and verify now the pool files of a snapshot (all, or these packages and their dependencies)."""
+    import asyncio
+
+    from aptguard.ondemand import prefetch as fetch_now
+
+    config, store = _load(ctx)
+    up = _upstream(config, name)
+    if up.policy != "on-demand":
+        _fail(f'{config.path}: upstreams.{name}.policy is "{up.policy}": its snapshots hold every pool file already')
+    snap_id = _snapshot_ref(store, name, snapshot)
+    store.ensure()
+    report = asyncio.run(
+        fetch_now(config, store, (name, snap_id), packages or [], log=lambda m: None if as_json else typer.echo(m))
+    )
+    if as_json:
+        _print_json(report)
+    else:
+        for path, why in report["failed"].items():
+            typer.echo(f"{name}: {path}: {why}")
+        typer.echo(
+            f"{name}: snapshot {snap_id}: {report['files']} files wanted, {report['fetched']} fetched and verified "
+            f"({report['bytes']} bytes), {len(report['failed'])} failed"
+        )
+    if report["failed"]:
+        raise SystemExit(1)
 
 
 @app.command()

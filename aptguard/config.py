@@ -342,9 +342,14 @@ def _upstream(path: Path, base: Path, name: str, table: Any) -> UpstreamConfig:
     sources = r.take("sources", bool, False, "true or false")
     languages = r.words("languages", ["en"], allow_empty=True)
     contents = r.take("contents", bool, False, "true or false")
-    policy = r.take("policy", str, "immediate", '"immediate"')
-    if policy != "immediate":
-        r.fail("policy", '"immediate" (the only policy: every pool file is verified before promotion)', policy)
+    policy = r.take("policy", str, "immediate", '"immediate" or "on-demand"')
+    if policy not in ("immediate", "on-demand"):
+        r.fail(
+            "policy",
+            '"immediate" (every pool file fetched and verified before promotion) or "on-demand" '
+            "(fetched and verified at a client's first request)",
+            policy,
+        )
     r.done({"url", "suites", "components", "architectures", "keyring", "sources", "languages", "contents", "policy"})
     return UpstreamConfig(
         name=name,

@@ -66,7 +66,9 @@ def _referenced(store: FileStore, snapshots: dict[str, list[str]]) -> set[str]:
     for name, ids in snapshots.items():
         for snap_id in ids:
             try:
-                found.update(r["sha256"] for r in store.read_manifest(name, snap_id).files.values())
+                manifest = store.read_manifest(name, snap_id)
+                found.update(r["sha256"] for r in manifest.files.values())
+                found.update(r["sha256"] for r in manifest.listed.values())  # on demand: held once asked
             except (OSError, ValueError, KeyError):
                 pass  # kept, and its objects too: the store never deletes an object a tree links
     return found

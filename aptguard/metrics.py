@@ -52,10 +52,29 @@ class ServerMetrics:
             "Response body bytes sent by this server (as declared by Content-Length)",
             registry=self.registry,
         )
+        self.on_demand = Counter(
+            "aptguard_on_demand_fetches",
+            "On-demand pool files this server fetched for clients, by upstream and outcome "
+            "(fetched, mismatch: failed verification, error: upstream unreachable, missing: 404 upstream)",
+            ["upstream", "outcome"],
+            registry=self.registry,
+        )
+        self.on_demand_bytes = Counter(
+            "aptguard_on_demand_fetched_bytes",
+            "Bytes of on-demand pool files fetched and verified",
+            ["upstream"],
+            registry=self.registry,
+        )
         self._children: dict[tuple[str, int], Any] = {}  # labels() looks up and locks per call
         self.upstreams: UpstreamCollector | None = None
         self.lock = threading.Lock()  # two scrapes at once must not both register the collector
         self.shared = multiprocess_dir()
+
+    def fetched(self, upstream: str, outcome: str, size: int = 0) -> None:
+        """Count an on-demand fetch (ondemand.py)."""
+        self.on_demand.labels(upstream, outcome).inc()
+        if size:
+            self.on_demand_bytes.labels(upstream).inc(size)
 
     def count(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
         """Count a response that has gone out (file, 304, 404, 416, ...)."""

@@ -85,7 +85,7 @@ SERVER = r"""    server {
 
         # A path is the snapshot's own tree's file, else its pool generation's (`.pool`): no
         # symlink is followed below the pointer or `.pool` (`disable_symlinks on from=`).
-@ROUTES@        location / {
+@ROUTES@@FETCH_LOCATION@        location / {
             return 404;
         }
     }
@@ -97,7 +97,7 @@ ROUTE = r"""        location ~ "^/@PREFIX@(?<ag_tail>[^/].*)$" {
             disable_symlinks on from=@FROM@;
             error_page 403 404 = @ag_@KIND@_pool;
             error_page 400 405 =404 /.aptguard-404;  # a location's error_page hides the server's
-            if (-d $request_filename) {
+@RECURSE@            if (-d $request_filename) {
                 return 404;
             }
         }
@@ -105,9 +105,21 @@ ROUTE = r"""        location ~ "^/@PREFIX@(?<ag_tail>[^/].*)$" {
             root @TREE@/.pool;
             rewrite ^ /$ag_tail break;
             disable_symlinks on from=@TREE@/.pool;
-            if (-d $request_filename) {
+@FETCH@            if (-d $request_filename) {
                 return 404;
             }
+        }
+"""
+# With an on-demand upstream: a pool file not held yet goes to `aptguard serve`, which fetches,
+# verifies and holds it (nginx serves it from then on); its 404, 502 and 504 pass through.
+FETCH = """            error_page 404 = @ag_fetch;
+"""
+RECURSE = """            recursive_error_pages on;  # the pool's 404 may go on to @ag_fetch
+"""
+FETCH_LOCATION = r"""        location @ag_fetch {
+            proxy_pass http://@BACKEND@$request_uri;  # as the client asked (the pool route rewrote it)
+            proxy_set_header Host $http_host;
+            proxy_read_timeout 600s;
         }
 """
 _WORD = "[A-Za-z0-9_+~:%@=,-][^/]*"
@@ -134,9 +146,13 @@ def render(
     *,
     user: str | None = None,
     server_only: bool = False,
+    on_demand: bool = False,
 ) -> str:
-    """The nginx config for a data folder: a whole nginx.conf, or only its server block."""
-    server = SERVER.replace("@LISTEN@", listen).replace("@BACKEND@", backend)
+    """The nginx config for a data folder: a whole nginx.conf, or only its server block.
+    `on_demand`: pool files nginx does not find are asked of `aptguard serve` (policy = "on-demand")."""
+    server = SERVER.replace("@FETCH@", FETCH if on_demand else "").replace("@RECURSE@", RECURSE if on_demand else "")
+    server = server.replace("@FETCH_LOCATION@", FETCH_LOCATION if on_demand else "")
+    server = server.replace("@LISTEN@", listen).replace("@BACKEND@", backend)
     for word, folder in FileStore(data_dir).nginx_roots().items():
         server = server.replace(f"@{word.upper()}@", str(folder))
     if server_only:

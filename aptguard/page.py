@@ -99,6 +99,13 @@ def _upstream(config: Config, store: FileStore, name: str, st: dict[str, Any], b
         else ""
     )
     out.append(f"<p>Serving snapshot {served}{hold}. Upstream: <code>{escape(up.url)}</code></p>")
+    if "listed" in st:  # policy = "on-demand"
+        cached, listed = st["cached"], st["listed"]
+        out.append(
+            f"<p class='on-demand'>On demand: {cached['files']} of {listed['files']} files held "
+            f"({cached['bytes'] / 1e6:.1f} of {listed['bytes'] / 1e6:.1f} MB); the rest is fetched, verified "
+            "and kept at a client's first request.</p>"
+        )
     last = st["last_sync"]
     if last:
         words = OUTCOME_WORDS.get(last["outcome"], last["outcome"])

@@ -121,7 +121,7 @@ class SuiteRecord:
 class Manifest:
     """meta/NAME/ID.json: everything a snapshot was verified to hold, written once at commit."""
 
-    FORMAT = 1
+    FORMAT = 2  # 2: with `listed` (an on-demand upstream's pool files not held); written as 1 without it
 
     id: str
     upstream: str
@@ -134,6 +134,9 @@ class Manifest:
     count: int = 0
     bytes: int = 0
     format: int = FORMAT
+    # policy = "on-demand": pool files verified by their index but not fetched at sync time
+    # (path -> record); served and stored at a client's first request. `files` is what is held.
+    listed: dict[str, FileRecord] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -147,6 +150,7 @@ class Manifest:
         files: dict[str, FileRecord],
         by_hash_own: list[str],
         packages: Listing,
+        listed: dict[str, FileRecord] | None = None,
     ) -> Manifest:
         """A new manifest: count and bytes are computed from `files`."""
         return cls(
@@ -160,6 +164,8 @@ class Manifest:
             packages=packages,
             count=len(files),
             bytes=sum(r["size"] for r in files.values()),
+            listed=listed or {},
+            format=2 if listed else 1,
         )
 
     @classmethod
@@ -169,8 +175,9 @@ class Manifest:
         try:
             files = data["files"]
             suites = data["suites"]
-            if not isinstance(files, dict) or not isinstance(suites, dict):
-                raise TypeError("files and suites must be objects")
+            listed = data.get("listed", {})
+            if not isinstance(files, dict) or not isinstance(suites, dict) or not isinstance(listed, dict):
+                raise TypeError("files, listed and suites must be objects")
             return cls(
                 id=data["id"],
                 upstream=data["upstream"],
@@ -183,11 +190,13 @@ class Manifest:
                 count=data["count"],
                 bytes=data["bytes"],
                 format=version,
+                listed=listed,
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise _missing("manifest", source, exc) from exc
 
     def to_json(self) -> dict[str, Any]:
+        extra = {"listed": self.listed} if self.listed else {}
         return {
             "format": self.format,
             "id": self.id,
@@ -200,7 +209,12 @@ class Manifest:
             "packages": self.packages,
             "count": self.count,
             "bytes": self.bytes,
+            **extra,
         }
+
+    def listed_record(self, path: str) -> FileRecord | None:
+        """The record of a file the snapshot lists, held or on demand."""
+        return self.files.get(path) or self.listed.get(path)
 
 
 # ---------------------------------------------------------------- upstream state

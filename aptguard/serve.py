@@ -57,8 +57,9 @@ from multidict import CIMultiDict
 
 from aptguard import metrics, page, summary
 from aptguard.config import Config
+from aptguard.ondemand import OnDemand
 from aptguard.status import status
-from aptguard.store import FileStore
+from aptguard.store import FileStore, ObjectMissing
 from aptguard.twin import die_with_parent
 
 HEADER_TIMEOUT = 10.0  # a request's headers, from the connection's start or the request's first byte
@@ -112,6 +113,17 @@ def _pool_file(parts: list[str]) -> bool:
 
 def _not_found() -> web.Response:
     return web.Response(status=404, text=_NOT_FOUND)
+
+
+_FAILED = {
+    404: _NOT_FOUND,
+    502: "502 the upstream's file failed verification against its signed index: not served, not stored\n",
+    504: "504 the upstream did not answer (or too slowly) for this on-demand file\n",
+}
+
+
+def _failed(status: int) -> web.Response:
+    return web.Response(status=status, text=_FAILED.get(status, f"{status}\n"))
 
 
 # Requests the quick path leaves to FileResponse (ranges and preconditions: rare, and subtle).
@@ -233,6 +245,8 @@ class Mirror:
         # The s3 backend: pointers, manifests and cached objects of this process (store_s3.Serving).
         self.view = store.serving() if store.remote else None  # type: ignore[attr-defined]
         self.redirects: dict[str, tuple[float, str]] = {}  # sha256 -> (until, presigned URL)
+        on_demand = any(up.policy == "on-demand" for up in config.upstreams.values())
+        self.on_demand = OnDemand(config, store, counters.fetched) if on_demand else None
         # Operator pages are built here, off the event loop; not in the default executor, which
         # aiohttp's FileResponse uses to open files: a flood of /status must not queue files.
         self.pages = ThreadPoolExecutor(max_workers=2, thread_name_prefix="aptguard-pages")
@@ -268,6 +282,11 @@ class Mirror:
         if self.view is not None:
             return await self.stored_file(request, where, key, parts)
         path = self.store.served_file(where, key, parts)
+        if path is None and self.on_demand is not None:
+            answer = await self.on_demand.answer(where, key, parts)
+            if answer != 200:
+                return _failed(answer)
+            path = self.store.served_file(where, key, parts)
         if path is None:
             return _not_found()
         return await self.send(request, path)
@@ -304,11 +323,27 @@ class Mirror:
             if self.config.storage.pool == "redirect" and _pool_file(parts):
                 return await self.redirect(sha256)
             if path is None:
-                path = await view.store.arun_on_loop(view.fetch(sha256))
+                path = await self.fetch_stored(view, where, key, parts, sha256)
+                if isinstance(path, web.Response):
+                    return path
         except OSError as exc:  # the store is unreachable and this server never held the file
             print(f"aptguard: {'/'.join(parts)}: {exc}", file=sys.stderr, flush=True)
             return web.Response(status=503, text="503 the object store is unreachable\n")
         return await self.send(request, path)
+
+    async def fetch_stored(
+        self, view: Any, where: str, key: tuple[str, ...], parts: list[str], sha256: str
+    ) -> str | web.Response:
+        """The local copy of an object; an on-demand file the store lacks is fetched first."""
+        try:
+            return await view.store.arun_on_loop(view.fetch(sha256))
+        except ObjectMissing:
+            if self.on_demand is None:
+                raise
+        answer = await self.on_demand.answer(where, key, parts)
+        if answer != 200:
+            return _failed(answer)
+        return await view.store.arun_on_loop(view.fetch(sha256))
 
     async def redirect(self, sha256: str) -> web.StreamResponse:
         """302 to a presigned GET of the object, valid REDIRECT_SECONDS (reused for half of that)."""
@@ -333,13 +368,15 @@ class Mirror:
     async def status_json(self) -> web.Response:
         view = self.view
         if view is None:
-            text = await self.report(lambda: json.dumps(status(self.config, self.store), indent=1))
-            return web.Response(text=text, content_type="application/json")
-        try:
             report = await self.report(status, self.config, self.store)
-        except OSError as exc:  # the store is unreachable: say so, and what this server still serves
-            report = {"error": str(exc)}
-        report["storage"] = view.health()
+        else:
+            try:
+                report = await self.report(status, self.config, self.store)
+            except OSError as exc:  # the store is unreachable: say so, and what this server still serves
+                report = {"error": str(exc)}
+            report["storage"] = view.health()
+        if self.on_demand is not None:  # this server's fetches for clients (this worker's, with --workers)
+            report["on_demand"] = self.on_demand.report()
         return web.Response(text=json.dumps(report, indent=1), content_type="application/json")
 
     async def index(self, request: web.BaseRequest) -> web.Response:
@@ -350,8 +387,10 @@ class Mirror:
         body, content_type = await self.report(metrics.exposition, self.config, self.store, self.counters)
         return web.Response(body=body, headers={"Content-Type": content_type})
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self.pages.shutdown(wait=False, cancel_futures=True)
+        if self.on_demand is not None:
+            await self.on_demand.close()
 
 
 class _Connection(asyncio.Protocol):
@@ -608,7 +647,7 @@ async def serving(config: Config, store: FileStore, sockets: list[socket.socket]
             listener.close()
         guard.stop()
         await server.shutdown(5.0)
-        mirror.close()
+        await mirror.close()
 
 
 async def serve(config: Config, store: FileStore, sockets: list[socket.socket]) -> None:

@@ -29,6 +29,12 @@ def summary(
         },
         "files": manifest.count,
         "bytes": manifest.bytes,
+        # policy = "on-demand": pool files listed but not held when the snapshot was made
+        **(
+            {"on_demand": {"files": len(manifest.listed), "bytes": sum(r["size"] for r in manifest.listed.values())}}
+            if manifest.listed
+            else {}
+        ),
     }
 
 

@@ -75,7 +75,11 @@ def upstream_status(config: Config, store: FileStore, name: str, now: datetime |
         )
     if state.held:
         warnings.append(f"on hold since a rollback: syncs store but do not promote until `aptguard promote {name} ID`")
+    on_demand = {}
+    if current is not None and name in config.upstreams and config.upstreams[name].policy == "on-demand":
+        on_demand = _on_demand(store, name, current)
     return {
+        **on_demand,
         "current": current,
         "hold": state.held,
         "last_sync": state.last_sync.to_json() if state.last_sync is not None else None,
@@ -84,6 +88,22 @@ def upstream_status(config: Config, store: FileStore, name: str, now: datetime |
         "suites": suites,
         "keys": keys,
         "warnings": warnings,
+    }
+
+
+def _on_demand(store: FileStore, name: str, current: str) -> dict[str, Any]:
+    """`listed` (every file of the current snapshot) and `cached` (those held now) of an
+    on-demand upstream: its pool files are fetched at clients' first requests."""
+    try:
+        manifest = store.read_manifest(name, current)
+    except (OSError, ValueError):
+        return {}
+    held = store.held({r["sha256"] for r in manifest.listed.values()})
+    cached = [r["size"] for r in manifest.listed.values() if r["sha256"] in held]
+    listed_bytes = sum(r["size"] for r in manifest.listed.values())
+    return {
+        "listed": {"files": manifest.count + len(manifest.listed), "bytes": manifest.bytes + listed_bytes},
+        "cached": {"files": manifest.count + len(cached), "bytes": manifest.bytes + sum(cached)},
     }
 
 

@@ -84,6 +84,10 @@ class StoreError(OSError):
     """The object store failed (denied, unreachable, damaged): a storage-error, never a crash."""
 
 
+class ObjectMissing(StoreError):
+    """An object a snapshot names is not in the store (not fetched yet, for an on-demand file)."""
+
+
 class PointerMoved(Exception):
     """A pointer was not what the caller read: another operator changed it first (exit 1)."""
 
@@ -188,6 +192,10 @@ class FileStore:
         tmp_file = self._tmp / f"put-{os.getpid()}-{threading.get_ident()}-{sha256[:16]}"
         _write_new(tmp_file, data)
         self.adopt(tmp_file, sha256)
+
+    def held(self, shas: Iterable[str]) -> set[str]:
+        """Which of these objects are stored."""
+        return {sha for sha in shas if os.path.exists(self._object(sha))}
 
     def object_totals(self) -> tuple[int, int]:
         """(objects, bytes) stored."""
@@ -308,8 +316,9 @@ class FileStore:
             try:
                 layout = self._layout(name, snap_id)
                 if layout.generation is not None:
-                    files = self.read_manifest(name, snap_id).files
-                    listed.setdefault(layout.generation, set()).update(p for p in files if layout.pooled(p))
+                    manifest = self.read_manifest(name, snap_id)
+                    paths = [*manifest.files, *manifest.listed]  # listed: held once a client asked
+                    listed.setdefault(layout.generation, set()).update(p for p in paths if layout.pooled(p))
             except (OSError, ValueError, KeyError, TypeError):
                 return 0  # a snapshot whose files cannot be known (fsck names it): remove nothing
         gone = 0
@@ -335,6 +344,23 @@ class FileStore:
                     with contextlib.suppress(OSError):  # not empty: kept
                         os.rmdir(base)
         return gone
+
+    def hold(self, name: str, snap_id: str, path: str, sha256: str) -> None:
+        """An on-demand pool file, verified and stored as an object since the snapshot was made:
+        link it at `path` of the snapshot's pool generation, where both servers find it."""
+        layout = self._layout(name, snap_id)
+        if layout.generation is None or not layout.pooled(path):
+            return
+        dest = self.root / "pools" / name / layout.generation / path
+        source = self._object(sha256)
+        _makedirs(dest.parent)
+        try:
+            os.link(source, dest)
+        except FileExistsError:  # held already (another request, a sync): the same bytes
+            if os.lstat(dest).st_ino != os.stat(source).st_ino:
+                tmp_link = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}")
+                os.link(source, tmp_link)
+                os.rename(tmp_link, dest)
 
     # ------------------------------------------------------------ fsck
 
@@ -772,7 +798,7 @@ class SnapshotBuilder:
         store = self.store
         try:
             own = sorted(p for p in self.files if p not in self.pool)
-            self._link_pool(sorted(self.pool))
+            self._link_pool(sorted(self.pool), manifest.listed)
             self._build.mkdir(parents=True)
             dirs: set[str] = {""}
             for path in own:
@@ -807,15 +833,20 @@ class SnapshotBuilder:
 
     # ------------------------------------------------------------ inside commit
 
-    def _link_pool(self, pooled: list[str]) -> None:
+    def _link_pool(self, pooled: list[str], listed: dict[str, FileRecord]) -> None:
         """Link the pool files the generation lacks into it (journalled first, so a killed commit
-        is undone); a path the base generation holds with other content starts a new one."""
+        is undone); a path the base generation holds with other content starts a new one. Paths
+        listed on demand count as held (a client's request links them later: hold())."""
         if not self._fresh:
+            base = self.base
             base_files = {
-                p: r for p, r in (self.base.files if self.base else {}).items() if self._base_layout.pooled(p)
+                p: r for p, r in ({**base.listed, **base.files} if base else {}).items() if self._base_layout.pooled(p)
             }
             new = [p for p in pooled if (r := base_files.get(p)) is None or r["sha256"] != self.files[p]]
-            if not any(p in base_files for p in new) and self._try_link(self._generation, new):
+            rewritten = any(
+                (r := base_files.get(p)) is not None and r["sha256"] != rec["sha256"] for p, rec in listed.items()
+            )
+            if not rewritten and not any(p in base_files for p in new) and self._try_link(self._generation, new):
                 return
             self._fresh, self._generation = True, self.snap_id  # the base lists a path with other content
         if not self._try_link(self.snap_id, [p for p in pooled if p not in self._early]):

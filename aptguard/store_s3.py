@@ -54,7 +54,7 @@ import orjson
 from aptguard.config import Storage
 from aptguard.reasons import Rejected
 from aptguard.records import FileRecord, Manifest, UpstreamState
-from aptguard.store import FileStore, PointerMoved, StoredFile, StoreError, _dumps, _loads
+from aptguard.store import FileStore, ObjectMissing, PointerMoved, StoredFile, StoreError, _dumps, _loads
 
 _T = TypeVar("_T")
 
@@ -326,6 +326,13 @@ class S3Store:
         handle.seek(0)
         return handle
 
+    def held(self, shas: Iterable[str]) -> set[str]:
+        """Which of these objects are stored (one listing, not one request per object)."""
+        wanted = set(shas)
+        if not wanted:
+            return set()
+        return {sha for item in self._list("objects/") if (sha := item["Key"].rsplit("/", 1)[-1]) in wanted}
+
     def object_totals(self) -> tuple[int, int]:
         items = self._list("objects/")
         return len(items), sum(item["Size"] for item in items)
@@ -404,6 +411,9 @@ class S3Store:
         self._delete([self._manifest_rel(name, snap_id, ".byhash.json")])
         with self._manifest_lock:
             self._manifests.pop((name, snap_id), None)
+
+    def hold(self, name: str, snap_id: str, path: str, sha256: str) -> None:
+        """An on-demand file stored since the snapshot was made: its object is all it takes."""
 
     def prune_pools(self, name: str, *, dry_run: bool = False) -> int:
         return 0  # no pool trees: a snapshot is its manifest, its files are objects
@@ -775,7 +785,8 @@ class _View:
     __slots__ = ("files",)
 
     def __init__(self, manifest: Manifest, by_hash: dict[str, FileRecord] | None) -> None:
-        self.files: dict[str, str] = {path: record["sha256"] for path, record in manifest.files.items()}
+        self.files: dict[str, str] = {path: record["sha256"] for path, record in manifest.listed.items()}
+        self.files.update((path, record["sha256"]) for path, record in manifest.files.items())
         for path, record in (by_hash or {}).items():
             self.files.setdefault(path, record["sha256"])
 
@@ -1010,7 +1021,7 @@ class Serving:
                 try:
                     mtime = await store.arun(_get_into, store.bucket, store._key(rel), handle, sha256, what=rel)
                 except _Missing:
-                    raise StoreError(f"{store}{rel}: listed by a snapshot but not in the store (run fsck)") from None
+                    raise ObjectMissing(f"{store}{rel}: listed by a snapshot but not in the store") from None
             os.chmod(tmp, 0o444)
             if mtime is not None:
                 os.utime(tmp, ns=(mtime, mtime))

@@ -265,6 +265,7 @@ class _Sync:
         self.progress = progress
         self.downloaded = 0
         self.pool_processes = 1  # 2 when a twin fetched half of the pool
+        self.listed: dict[str, FileRecord] = {}  # policy = "on-demand": pool files not held (path -> record)
         self.memo: verify.ParseMemo | None = None  # read when a Packages index is, kept for the next sync
 
     async def run(self, *, promote: bool, allow_release_change: bool) -> SyncResult:
@@ -337,6 +338,11 @@ class _Sync:
             "requests": requests,
             "written": written,
             "pool_processes": self.pool_processes,
+            **(
+                {"on_demand": {"files": len(self.listed), "bytes": sum(r["size"] for r in self.listed.values())}}
+                if self.listed
+                else {}
+            ),
             # Against the current snapshot (what a promotion replaced, or what stays served).
             "changes": count_lines({"suites": compare(old_packages, manifest.packages)}),
             "steps": steps,
@@ -376,6 +382,7 @@ class _Sync:
             files=files.records,
             by_hash_own=sorted(own_by_hash),
             packages=packages,
+            listed=self.listed,
         )
         return manifest, own_by_hash
 
@@ -594,6 +601,14 @@ class _Sync:
                     files.add(entry.expected.path, file_record(entry.expected.size, entry.expected.hashes), pool=True)
                 else:
                     missing.append(entry)
+        if self.up.policy == "on-demand":  # verified by their index; fetched at a client's first request
+            for entry in missing:
+                exp = entry.expected
+                self.listed[exp.path] = file_record(exp.size, exp.hashes)
+            if missing:
+                total = sum(e.expected.size for e in missing)
+                self.log(f"{self.up.name}: {len(missing)} pool files ({total} bytes) listed on demand, not fetched")
+            return
         if not missing:
             return
         total = sum(e.expected.size for e in missing)

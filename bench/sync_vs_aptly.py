@@ -488,6 +488,27 @@ class AptguardS3(Aptguard):
         return sum(1 for p, r in listed.items() if p.endswith(".deb") and store.object_size(r["sha256"]) is not None)
 
 
+class AptguardOnDemand(Aptguard):
+    """aptguard with policy = "on-demand": indices verified and stored, no pool file fetched."""
+
+    name = "aptguard-ondemand"
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.config.write_text(self.config.read_text() + 'policy = "on-demand"\n')
+
+    def debs(self) -> int:
+        """The .deb files the current snapshot lists (held or on demand)."""
+        from aptguard.store import FileStore
+
+        store = FileStore(self.work / "data")
+        current = store.current("bench")
+        if current is None:
+            return 0
+        manifest = store.read_manifest("bench", current)
+        return sum(1 for p in [*manifest.files, *manifest.listed] if p.endswith(".deb"))
+
+
 class Baseline(Aptguard):
     """aptguard at another git revision (--baseline), exported to a folder of its own."""
 
@@ -608,6 +629,7 @@ def bench_shape(shape: str, runs: int, work: Path, tools: list[str], entries: bo
     classes = {
         "aptguard": Aptguard,
         "aptguard-s3": AptguardS3,
+        "aptguard-ondemand": AptguardOnDemand,
         "baseline": Baseline,
         "aptly": Aptly,
         "apt-mirror2": AptMirror2,
@@ -714,11 +736,12 @@ def render(tables: list[Table], runs: int) -> str:
         # aptguard beside another way of running it: into a bucket, or as of another revision.
         for other, head in (
             ("aptguard-s3", "aptguard-s3 (moto) | aptguard-s3/aptguard"),
+            ("aptguard-ondemand", "aptguard-ondemand (indices only) | on-demand/aptguard"),
             ("baseline", "baseline | aptguard/baseline"),
         ):
             if not any(tool == other for tool, _ in t.runs):
                 continue
-            a, b = (other, "aptguard") if other == "aptguard-s3" else ("aptguard", other)
+            a, b = ("aptguard", other) if other == "baseline" else (other, "aptguard")
             lines += ["", f"| phase | aptguard | {head} |", "|---|---|---|---|"]
             for what, label in (("time", "{}"), ("rss", "peak RSS, {}")):
                 for phase in PHASES:
