@@ -67,16 +67,22 @@ def _check_upstream(
             damaged(store.file_label(name, snap_id), f"snapshot tree without its manifest {meta}")
             continue
         try:
-            files = store.read_manifest(name, snap_id).files
+            manifest = store.read_manifest(name, snap_id)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             damaged(meta, f"manifest unreadable: {exc}")
             continue
+        files = manifest.files
         report["snapshots"] += 1
-        for rel, record in files.items():
+        # On-demand files not fetched yet are not missing: those held are checked like the rest.
+        for rel, record, held_only in [
+            *((r, f, False) for r, f in files.items()),
+            *((r, f, True) for r, f in manifest.listed.items()),
+        ]:
             label = store.file_label(name, snap_id, rel)
             found = store.stored_file(name, snap_id, rel)
             if isinstance(found, str):
-                damaged(label, found)
+                if not held_only:
+                    damaged(label, found)
                 continue
             report["files"] += 1
             report["bytes"] += found.size

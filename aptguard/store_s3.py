@@ -421,7 +421,7 @@ class S3Store:
     # ------------------------------------------------------------ fsck
 
     def stored_file(self, name: str, snap_id: str, path: str) -> StoredFile | str:
-        record = self.read_manifest(name, snap_id).files.get(path)
+        record = self.read_manifest(name, snap_id).listed_record(path)
         size = None if record is None else self.object_size(record["sha256"])
         if record is None or size is None:
             return "missing (listed in the manifest)"

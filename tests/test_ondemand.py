@@ -98,6 +98,13 @@ def test_a_sync_fetches_no_pool_file_and_apt_installs_through_the_mirror(site: O
         assert site.object_of(site.deb(name)).read_bytes() == (site.repo.root / site.deb(name)).read_bytes()
     status = site.mirror.status()["upstreams"]["up"]
     assert status["cached"] == status["listed"], status
+    fsck = site.mirror.run("fsck", "--json")
+    assert fsck.returncode == 0 and json.loads(fsck.stdout)["files"] == status["listed"]["files"], fsck.output
+    held = site.object_of(site.deb("tool"))
+    held.chmod(0o644)
+    held.write_bytes(b"\0" * held.stat().st_size)  # damage behind aptguard's back
+    fsck = site.mirror.run("fsck")
+    assert fsck.returncode == 1 and site.deb("tool") in fsck.output, fsck.output
     page = _get(f"{site.mirror.url}/")[1].decode()
     assert f"On demand: {status['cached']['files']} of {status['listed']['files']} files held" in page
     # Held files are now ordinary files of the snapshot: a restarted server (no memory) serves them.
