@@ -26,6 +26,7 @@ See the README, "Benchmarks".
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime as dt
 import filecmp
 import json
@@ -471,7 +472,9 @@ class AptguardS3(Aptguard):
         from fixtures.s3 import MotoServer
 
         if AptguardS3.moto is None:
-            AptguardS3.moto = MotoServer(CACHE.parent / "moto.log").start()
+            CACHE.mkdir(parents=True, exist_ok=True)
+            AptguardS3.moto = MotoServer(CACHE / "moto.log").start()
+            atexit.register(AptguardS3.moto.stop)
         bucket = AptguardS3.moto.new_bucket()
         self.config.write_text(self.config.read_text() + "\n" + AptguardS3.moto.storage_toml(bucket))
 
