@@ -54,6 +54,8 @@ class OnDemand:
     async def answer(self, where: str, key: tuple[str, ...], parts: list[str]) -> int:
         """Make the on-demand file a URL names held; the HTTP status to answer with: 200 (held
         now: resolve the URL again), 404, 502 (failed verification) or 504 (upstream unreachable)."""
+        if where != "pin" and not self.serves(key[0]):
+            return 404  # a path of an upstream that is not on demand: no store lookup
         snapshot = await asyncio.to_thread(self._snapshot, where, key)
         if snapshot is None or not self.serves(snapshot[0]):
             return 404

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 import json
 import os
 import re
@@ -312,6 +313,8 @@ class Mirror:
             found = view.lookup(where, key, parts)
             if found is None and _pool_file(parts):
                 found = view.sibling(where, key, parts)
+        if found is None and not view.refreshed:  # the store never answered this server: it knows nothing
+            return web.Response(status=503, text="503 the object store is unreachable\n")
         if found is None:
             return _not_found()
         sha256, path = found if found is not view.UNKNOWN else (None, None)
@@ -369,10 +372,13 @@ class Mirror:
         view = self.view
         if view is None:
             report = await self.report(status, self.config, self.store)
+        elif view.unreachable_since is not None:  # say so at once, and what this server still serves
+            report = {"error": view.error}
+            report["storage"] = view.health()
         else:
             try:
                 report = await self.report(status, self.config, self.store)
-            except OSError as exc:  # the store is unreachable: say so, and what this server still serves
+            except OSError as exc:  # the store went away meanwhile
                 report = {"error": str(exc)}
             report["storage"] = view.health()
         if self.on_demand is not None:  # this server's fetches for clients (this worker's, with --workers)
@@ -380,6 +386,14 @@ class Mirror:
         return web.Response(text=json.dumps(report, indent=1), content_type="application/json")
 
     async def index(self, request: web.BaseRequest) -> web.Response:
+        view = self.view
+        if view is not None and view.unreachable_since is not None:
+            since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(view.unreachable_since))
+            body = (
+                f"<!doctype html><title>aptguard</title><h1>aptguard</h1><p>The object store {view.store} has not "
+                f"answered since {since}: this server serves what it holds.</p><p>{html.escape(view.error)}</p>"
+            )
+            return web.Response(text=body, content_type="text/html", status=503)
         body = await self.report(page.render, self.config, self.store, f"{request.scheme}://{request.host}")
         return web.Response(text=body, content_type="text/html", headers={"Cache-Control": "no-cache"})
 

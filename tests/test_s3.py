@@ -669,3 +669,18 @@ def test_gc_discards_an_upload_a_killed_sync_left(fleet: Fleet, moto: MotoServer
     assert gc.returncode == 0, gc.output
     assert not client.list_multipart_uploads(Bucket=fleet.bucket).get("Uploads")
     assert fleet.servers[0].served(NAME)  # and nothing served went
+
+
+def test_a_server_started_without_its_store_answers_503_not_404(fleet: Fleet) -> None:
+    """A 404 for InRelease would make apt look for Release and fail the update as a repository
+    without one; a server that never reached its store says it is unavailable instead."""
+    lost = fleet.node("lost")
+    lost.top["storage"] = {**lost.top["storage"], "endpoint": f"http://127.0.0.1:{free_port()}"}
+    lost.write_config()
+    lost.start_server()
+    try:
+        status, _body = lost.get(f"/{NAME}/dists/{SUITE}/InRelease")
+        assert status == 503
+        assert json.loads(lost.get("/status")[1])["storage"]["reachable"] is False
+    finally:
+        lost.stop_server()
