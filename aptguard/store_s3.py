@@ -65,6 +65,7 @@ LEASE_POLL = 0.5  # how often a waiter looks again
 MISS_REFRESH = 0.25  # a server re-reads the pointers on a 404 at most this often
 MANIFESTS = 16  # snapshots a server keeps ready to serve (each a path -> SHA256 table)
 PARSED = 4  # parsed manifests a process keeps (immutable: a hit is never re-read)
+HELD_SECONDS = 60.0  # how old a listing held() answers from may be
 HISTORY = 16  # earlier targets a pointer remembers (with when it left them), for gc
 _CHUNK = 1 << 20
 
@@ -156,6 +157,7 @@ class S3Store:
         self._listed: dict[str, int] | None = None  # sha256 -> size, that listing
         self._uploads = threading.BoundedSemaphore(UPLOADS)
         self._live_view: Serving | None = None
+        self._held_listing: tuple[float, frozenset[str]] | None = None
 
     def __repr__(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}"
@@ -327,11 +329,17 @@ class S3Store:
         return handle
 
     def held(self, shas: Iterable[str]) -> set[str]:
-        """Which of these objects are stored (one listing, not one request per object)."""
+        """Which of these objects are stored: from a listing of the objects (one request per
+        1,000), at most HELD_SECONDS old (status and /metrics ask on every call)."""
         wanted = set(shas)
         if not wanted:
             return set()
-        return {sha for item in self._list("objects/") if (sha := item["Key"].rsplit("/", 1)[-1]) in wanted}
+        now = time.monotonic()
+        listed = self._held_listing
+        if listed is None or now - listed[0] > HELD_SECONDS:
+            names = frozenset(item["Key"].rsplit("/", 1)[-1] for item in self._list("objects/"))
+            listed = self._held_listing = (now, names)
+        return wanted & listed[1]
 
     def object_totals(self) -> tuple[int, int]:
         items = self._list("objects/")
