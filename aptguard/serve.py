@@ -370,16 +370,16 @@ class Mirror:
 
     async def status_json(self) -> web.Response:
         view = self.view
-        if view is None:
-            report = await self.report(status, self.config, self.store)
-        elif view.unreachable_since is not None:  # say so at once, and what this server still serves
-            report = {"error": view.error}
-            report["storage"] = view.health()
+        if view is not None and view.unreachable_since is not None:  # at once, no store call
+            report: dict[str, Any] = {"error": view.error}
         else:
             try:
                 report = await self.report(status, self.config, self.store)
-            except OSError as exc:  # the store went away meanwhile
-                report = {"error": str(exc)}
+            except OSError as exc:
+                if view is None:
+                    raise
+                report = {"error": str(exc)}  # the s3 store went away meanwhile
+        if view is not None:  # whether the store answers, and what this server serves
             report["storage"] = view.health()
         if self.on_demand is not None:  # this server's fetches for clients (this worker's, with --workers)
             report["on_demand"] = self.on_demand.report()

@@ -65,6 +65,7 @@ LEASE_POLL = 0.5  # how often a waiter looks again
 MISS_REFRESH = 0.25  # a server re-reads the pointers on a 404 at most this often
 MANIFESTS = 16  # snapshots a server keeps ready to serve (each a path -> SHA256 table)
 PARSED = 4  # parsed manifests a process keeps (immutable: a hit is never re-read)
+SMALL_OBJECT = 1 << 20  # a pointer, lease or state object is read only up to this many bytes
 HELD_SECONDS = 60.0  # how old a listing held() answers from may be
 HISTORY = 16  # earlier targets a pointer remembers (with when it left them), for gc
 _CHUNK = 1 << 20
@@ -207,10 +208,10 @@ class S3Store:
 
     # ------------------------------------------------------------ small objects
 
-    def _get(self, rel: str) -> tuple[bytes, str] | None:
-        """(body, ETag) of a key, None if it does not exist."""
+    def _get(self, rel: str, limit: int | None = None) -> tuple[bytes, str] | None:
+        """(body, ETag) of a key, None if it does not exist; StoreError past `limit` bytes."""
         try:
-            return self._do(_get_object, self.bucket, self._key(rel), what=rel)
+            return self._do(_get_object, self.bucket, self._key(rel), limit, what=rel)
         except _Missing:
             return None
 
@@ -462,7 +463,7 @@ class S3Store:
         return f"state/{name}.json"
 
     def read_state(self, name: str) -> UpstreamState:
-        got = self._get(self.state_label(name))
+        got = self._get(self.state_label(name), SMALL_OBJECT)
         if got is None:
             return UpstreamState()
         return UpstreamState.from_json(orjson.loads(got[0]), source=f"{self}{self.state_label(name)}")
@@ -473,7 +474,7 @@ class S3Store:
     # ------------------------------------------------------------ pointers
 
     def _pointer(self, rel: str) -> tuple[dict[str, Any], str | None]:
-        got = self._get(rel)
+        got = self._get(rel, SMALL_OBJECT)
         if got is None:
             return {}, None
         try:
@@ -899,7 +900,8 @@ class Serving:
             return snapshot
         rel = f"pointers/{'current' if where == 'current' else 'pins'}/{key[0]}"
         try:
-            body = orjson.loads((await store.arun(_get_object, store.bucket, store._key(rel), what=rel))[0])
+            got = await store.arun(_get_object, store.bucket, store._key(rel), SMALL_OBJECT, what=rel)
+            body = orjson.loads(got[0])
         except _Missing:
             return None
         return (key[0], body["snapshot"]) if where == "current" and body.get("snapshot") else _pin(body)
@@ -939,12 +941,12 @@ class Serving:
                 if self._etags.get(rel) == item["ETag"] and old is not None:
                     table[(kind, words[2])] = old
                     continue
-                got = await store.arun(_get_object, store.bucket, item["Key"], what=rel)
                 try:
+                    got = await store.arun(_get_object, store.bucket, item["Key"], SMALL_OBJECT, what=rel)
                     body = orjson.loads(got[0])
                     if not isinstance(body, dict):
                         raise ValueError("not a JSON object")
-                except ValueError as exc:  # damaged (fsck's to name): keep what this pointer named
+                except (ValueError, _Damaged) as exc:  # damaged (fsck's to name): keep what this pointer named
                     self.error = f"{rel}: unreadable pointer: {exc}"
                     if old is not None:
                         table[(kind, words[2])] = old
@@ -1092,6 +1094,10 @@ class Serving:
         }
 
 
+class _Damaged(StoreError):
+    """An object of the store that aptguard cannot have written (too large to be one)."""
+
+
 class _Missing(Exception):
     pass
 
@@ -1103,10 +1109,20 @@ class _Precondition(Exception):
 # ---------------------------------------------------------------- calls on the store's loop
 
 
-async def _get_object(client: Any, bucket: str, key: str) -> tuple[bytes, str]:
+async def _get_object(client: Any, bucket: str, key: str, limit: int | None = None) -> tuple[bytes, str]:
+    """(body, ETag); StoreError past `limit` bytes (a pointer, lease or state object is small:
+    a huge one is damage, not something to hold in memory)."""
     response = await client.get_object(Bucket=bucket, Key=key)
     async with response["Body"] as stream:
-        return await stream.read(), response["ETag"]
+        if limit is None:
+            body = await stream.read()
+        else:  # read(n) returns what has arrived, up to n: read on to the limit or the end
+            body = b""
+            while len(body) <= limit and (chunk := await stream.read(limit + 1 - len(body))):
+                body += chunk
+    if limit is not None and len(body) > limit:
+        raise _Damaged(f"{key}: more than {limit} bytes; not an object aptguard wrote (restore or remove it)")
+    return body, response["ETag"]
 
 
 async def _put_object(

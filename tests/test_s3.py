@@ -188,10 +188,7 @@ def test_a_promotion_and_a_rollback_reach_every_server_within_refresh_seconds(fl
 
 
 def _store(mirror: Mirror) -> Any:
-    from aptguard.config import load_config
-    from aptguard.store import open_store
-
-    return open_store(load_config(mirror.config))
+    return _store_of(mirror.config)
 
 
 def test_two_concurrent_promotes_exactly_one_wins(fleet: Fleet) -> None:
@@ -684,3 +681,19 @@ def test_a_server_started_without_its_store_answers_503_not_404(fleet: Fleet) ->
         assert json.loads(lost.get("/status")[1])["storage"]["reachable"] is False
     finally:
         lost.stop_server()
+
+
+def test_an_oversized_pointer_in_the_store_is_refused_not_read_whole(fleet: Fleet, moto: MotoServer) -> None:
+    """A pointer object of 2 MiB (damage, or a writer that is not aptguard): commands say
+    storage-error instead of holding it in memory, and servers keep serving what they served."""
+    release = _served_release(fleet.servers[0])
+    key = f"mirror/pointers/current/{NAME}"
+    client = moto.client()
+    client.put_object(Bucket=fleet.bucket, Key=key, Body=b" " * (2 << 20))
+    assert client.head_object(Bucket=fleet.bucket, Key=key)["ContentLength"] == 2 << 20  # the damage is real
+    run = fleet.syncer.run("promote", NAME, "20260101T000000Z")
+    assert run.returncode == 1 and "storage-error" in run.stderr and "more than" in run.stderr, run.output
+    time.sleep(3 * REFRESH)
+    for server in fleet.servers:
+        assert _served_release(server) == release
+        assert json.loads(server.get("/status")[1])["storage"]["reachable"] is True
