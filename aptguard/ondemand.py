@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aptguard.config import Config
 from aptguard.fetch import Fetcher
@@ -27,6 +28,9 @@ from aptguard.reasons import Rejected, UsageError
 from aptguard.records import FileRecord, Manifest
 from aptguard.store import FileStore
 from aptguard.verify import Expected
+
+if TYPE_CHECKING:  # imported where used: python-debian is not needed to serve
+    from aptguard.resolve import Candidate
 
 MANIFESTS = 4  # parsed manifests of on-demand snapshots kept (immutable)
 
@@ -216,14 +220,19 @@ _WHY = {404: "gone upstream (404)", 502: "failed verification (not stored)", 504
 
 
 def _closure(store: FileStore, manifest: Manifest, packages: list[str]) -> set[str]:
-    """The pool paths of `packages` and of everything they depend on (Depends, Pre-Depends; of
-    alternatives, the first this upstream has), read from the snapshot's own Packages indices."""
-    from debian.deb822 import PkgRelation
-
+    """The pool paths of `packages` (every version) and of what they need to install, chosen
+    per architecture as apt would choose (aptguard.resolve: Depends, Pre-Depends, alternatives
+    in order, versions, Provides), read from the snapshot's own Packages indices; what this
+    upstream cannot satisfy is left to the clients' other sources. A flat repository's indices
+    are one architecture; `binary-all` indices belong to every other."""
     from aptguard import tagfile
+    from aptguard.resolve import parse_root, select
     from aptguard.verify import _decompressed, compression
 
-    by_name: dict[str, list[dict[bytes, bytes]]] = {}
+    for root in packages:
+        problem = parse_root(root)
+        if problem is not None:
+            raise UsageError(f"prefetch: {problem}")
     indices: dict[str, str] = {}  # index without its extension -> the cheapest variant's path
     for path in manifest.files:
         if "/by-hash/" in path or not path.rsplit("/", 1)[-1].startswith("Packages"):
@@ -231,25 +240,43 @@ def _closure(store: FileStore, manifest: Manifest, packages: list[str]) -> set[s
         base = path[: len(path) - len(compression(path))]
         if base not in indices or len(compression(path)) < len(compression(indices[base])):
             indices[base] = path
-    for path in indices.values():
+    by_arch: dict[str, list[Candidate]] = {}
+    for path in sorted(indices.values()):
+        arch = _ARCH.search(path)
+        group = by_arch.setdefault(arch.group(1) if arch else "", [])
         with store.open_object(manifest.files[path]["sha256"]) as raw:
             data = _decompressed(compression(path), raw).read()
-        for stanza in tagfile.stanzas(data):
-            fields = tagfile.fields(stanza)
-            name = fields.get(b"package", b"").decode("utf-8", "replace").strip()
-            by_name.setdefault(name, []).append(fields)
-    unknown = [p for p in packages if p not in by_name]
+        group.extend(_candidate(tagfile.fields(stanza)) for stanza in tagfile.stanzas(data))
+    shared = by_arch.pop("all", []) if len(by_arch) > 1 else []
+    paths: set[str] = set()
+    found: set[str] = set()
+    for _arch, candidates in sorted(by_arch.items()):
+        # A dependency this upstream cannot satisfy comes from another source of the clients
+        # (Docker's packages need Debian's libc6): not this upstream's to fetch.
+        selection = select(candidates + shared, packages, strict=False)
+        found.update(root for root in packages if root not in selection.missing_roots)
+        paths.update(str(candidate.key) for candidate in selection.chosen if candidate.key)
+    unknown = [p for p in packages if p not in found]
     if unknown:
         raise UsageError(f"{manifest.upstream} snapshot {manifest.id} lists no package {', '.join(unknown)}")
-    paths: set[str] = set()
-    queue, seen = list(packages), set(packages)
-    while queue:
-        for fields in by_name.get(queue.pop(), []):
-            paths.add(fields.get(b"filename", b"").decode("utf-8", "replace").strip())
-            relations = b", ".join(v for k, v in fields.items() if k in (b"depends", b"pre-depends"))
-            for group in PkgRelation.parse_relations(relations.decode("utf-8", "replace")):
-                names = [alt["name"] for alt in group if alt["name"] in by_name]
-                if names and names[0] not in seen:
-                    seen.add(names[0])
-                    queue.append(names[0])
     return paths
+
+
+_ARCH = re.compile(r"(?:^|/)binary-([^/]+)/")  # the architecture of an index, from its path
+
+
+def _candidate(fields: dict[bytes, bytes]) -> Candidate:
+    """One Packages stanza as the resolver reads it; its key is the pool path."""
+    from aptguard.resolve import Candidate
+
+    def text(name: bytes) -> str:
+        return fields.get(name, b"").decode("utf-8", "replace").strip()
+
+    return Candidate(
+        text(b"package"),
+        text(b"version"),
+        text(b"depends"),
+        text(b"pre-depends"),
+        text(b"provides"),
+        key=text(b"filename"),
+    )
