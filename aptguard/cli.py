@@ -182,7 +182,18 @@ def _json_result(r: Any) -> None:
         **{
             k: v
             for k, v in r.stats.items()
-            if k in ("files", "bytes", "downloaded", "seconds", "written", "pool_processes", "steps")
+            if k
+            in (
+                "files",
+                "bytes",
+                "downloaded",
+                "seconds",
+                "written",
+                "pool_processes",
+                "steps",
+                "on_demand",
+                "published",
+            )
         },
     }
     if r.outcome in ("promoted", "stored") and r.snapshot:

@@ -141,6 +141,9 @@ def snapshots(ctx: typer.Context, name: str, as_json: Annotated[bool, typer.Opti
         )
         listed = snap.get("on_demand")
         on_demand = f" (+{listed['files']} on demand, {listed['bytes']} bytes)" if listed else ""
+        view = snap.get("published")
+        if view:
+            suites += f"; published view of {view['packages']} packages, valid-until {view['valid_until']}"
         typer.echo(f"{snap['id']}{marks}  {snap['files']} files {snap['bytes']} bytes{on_demand}  {suites}")
 
 
@@ -450,7 +453,7 @@ def sources(
 ) -> None:
     """Print a deb822 .sources stanza for clients of this mirror."""
     from aptguard.snapshot import require_snapshot
-    from aptguard.sources import default_base_url, stanza
+    from aptguard.sources import default_base_url, embedded_keys, stanza
 
     config, store = _load(ctx)
     up = _upstream(config, name)
@@ -475,4 +478,13 @@ def sources(
         manifest = store.read_manifest(*target)
     else:
         uri = f"{base}/{name}"
+    if up.publish is not None and signed_by is None:  # clients verify with the mirror's keys (SPEC §7)
+        from aptguard.reasons import Rejected
+        from aptguard.signer import Signer
+
+        try:
+            with Signer(up.publish) as signer:
+                signed_by = embedded_keys(signer.public_keys())
+        except Rejected as exc:
+            _fail(f"{name}: {exc.detail}")
     typer.echo(stanza(up, uri, fixed_manifest=manifest, signed_by=signed_by), nl=False)

@@ -36,6 +36,19 @@ class UpstreamConfig:
     languages: tuple[str, ...] = ("en",)
     contents: bool = False
     policy: str = "immediate"
+    publish: Publish | None = None  # [upstreams.NAME.publish]: serve a re-signed view (SPEC §7)
+
+
+@dataclass(frozen=True)
+class Publish:
+    """[upstreams.NAME.publish]: the view clients get instead of the upstream's own signed files."""
+
+    sign_with: tuple[Path, ...]  # ASCII-armored secret keys; each signs every published Release
+    passphrase_file: Path | None = None  # for keys that have a passphrase (all the same one)
+    packages: tuple[str, ...] = ()  # () = every package; else these and what they depend on
+    keep_versions: int = 0  # 0 = every version; N = the newest N of each package
+    valid_days: float = 7.0  # Valid-Until = Date + valid_days; refreshed once half of it passed
+    resolve_with: tuple[str, ...] = ()  # other upstreams whose current snapshots satisfy dependencies
 
 
 @dataclass(frozen=True)
@@ -199,6 +212,13 @@ def load_config(path: Path) -> Config:
                 f"{', '.join(sorted(RESERVED))}"
             )
         upstreams[name] = _upstream(path, base, name, table)
+    for name, up in upstreams.items():
+        for other in up.publish.resolve_with if up.publish else ():
+            if other not in upstreams:
+                raise UsageError(
+                    f"{path}: upstreams.{name}.publish.resolve_with: {other!r} is not an upstream of this config "
+                    f"(upstreams: {', '.join(sorted(upstreams))})"
+                )
     top.done({"data_dir", "server", "storage", "retention", "warnings", "limits", "schedule", "upstreams"})
     return Config(
         path=path,
@@ -350,7 +370,19 @@ def _upstream(path: Path, base: Path, name: str, table: Any) -> UpstreamConfig:
             "(fetched and verified at a client's first request)",
             policy,
         )
-    r.done({"url", "suites", "components", "architectures", "keyring", "sources", "languages", "contents", "policy"})
+    publish = None
+    if "publish" in r.table:
+        publish = _publish(path, base, name, r.table["publish"])
+        if sources or contents:
+            r.fail(
+                "sources" if sources else "contents",
+                f"false with [upstreams.{name}.publish] (a published view rewrites binary Packages indices only)",
+                True,
+            )
+    r.done(
+        {"url", "suites", "components", "architectures", "keyring", "sources", "languages", "contents", "policy"}
+        | {"publish"}
+    )
     return UpstreamConfig(
         name=name,
         url=url if url.endswith("/") else url + "/",
@@ -362,6 +394,64 @@ def _upstream(path: Path, base: Path, name: str, table: Any) -> UpstreamConfig:
         languages=languages,
         contents=contents,
         policy=policy,
+        publish=publish,
+    )
+
+
+def _readable_file(r: _Reader, key: str, base: Path, text: Any, what: str) -> Path:
+    if not isinstance(text, str) or not text:
+        r.fail(key, f"the path of {what}", text)
+    found = (base / text).resolve()
+    if not found.is_file():
+        r.fail(key, f"an existing file ({what}); {found} does not exist", text)
+    if not os.access(found, os.R_OK):
+        r.fail(key, f"a readable file ({what}); {found} cannot be read", text)
+    return found
+
+
+def _publish(path: Path, base: Path, name: str, table: Any) -> Publish:
+    from aptguard.resolve import parse_root
+
+    r = _Reader(path, f"upstreams.{name}.publish", table)
+    keys = r.take("sign_with", list, _REQUIRED, "a non-empty list of ASCII-armored secret key files")
+    if not keys:
+        r.fail("sign_with", "a non-empty list of ASCII-armored secret key files", keys)
+    sign_with = tuple(_readable_file(r, "sign_with", base, k, "an ASCII-armored secret key") for k in keys)
+    if len(set(sign_with)) != len(sign_with):
+        r.fail("sign_with", "key files without duplicates", keys)
+    passphrase = r.take("passphrase_file", str, None, "the path of a file holding the keys' passphrase")
+    passphrase_file = None
+    if passphrase is not None:
+        passphrase_file = _readable_file(r, "passphrase_file", base, passphrase, "the keys' passphrase")
+    packages = r.take("packages", list, [], 'a list of package names such as ["docker-ce", "tool (>= 1.2)"]')
+    for item in packages:
+        problem = parse_root(item) if isinstance(item, str) else "not a string"
+        if problem:
+            r.fail(
+                "packages",
+                f'package names, optionally with one version relation such as "tool (>= 1.2)" ({problem})',
+                item,
+            )
+    if len(set(packages)) != len(packages):
+        r.fail("packages", "package relations without duplicates", packages)
+    keep = r.take("keep_versions", int, 0, "a whole number >= 0 (0: every version)")
+    if keep < 0:
+        r.fail("keep_versions", "a whole number >= 0 (0: every version)", keep)
+    valid_days = r.take("valid_days", (int, float), 7, "a number of days, more than 0 and at most 3650")
+    if not 0 < valid_days <= 3650:
+        r.fail("valid_days", "a number of days, more than 0 and at most 3650", valid_days)
+    resolve_with = r.take("resolve_with", list, [], 'a list of other upstreams\' names such as ["debian"]')
+    for other in resolve_with:
+        if not isinstance(other, str) or not NAME_RE.match(other) or other == name:
+            r.fail("resolve_with", "names of other upstreams of this config", other)
+    r.done({"sign_with", "passphrase_file", "packages", "keep_versions", "valid_days", "resolve_with"})
+    return Publish(
+        sign_with=sign_with,
+        passphrase_file=passphrase_file,
+        packages=tuple(packages),
+        keep_versions=keep,
+        valid_days=float(valid_days),
+        resolve_with=tuple(resolve_with),
     )
 
 

@@ -94,6 +94,10 @@ def _check_upstream(
             entry.claims.append((label, record))
         for label, problem in store.unlisted(name, snap_id, files):
             damaged(label, problem)
+        # A published view's upstream files are not served, but the next sync republishes from them.
+        for rel, record in manifest.source.items():
+            if store.object_size(record["sha256"]) != record["size"]:
+                damaged(f"{meta}: source {rel}", f"object {record['sha256']} missing or not {record['size']} bytes")
 
 
 def _check_content(store: FileStore, entry: _File, damaged: Callable[[str, str], None]) -> None:

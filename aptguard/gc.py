@@ -69,6 +69,7 @@ def _referenced(store: FileStore, snapshots: dict[str, list[str]]) -> set[str]:
                 manifest = store.read_manifest(name, snap_id)
                 found.update(r["sha256"] for r in manifest.files.values())
                 found.update(r["sha256"] for r in manifest.listed.values())  # on demand: held once asked
+                found.update(r["sha256"] for r in manifest.source.values())  # a published view's upstream files
             except (OSError, ValueError, KeyError):
                 pass  # kept, and its objects too: the store never deletes an object a tree links
     return found

@@ -173,6 +173,11 @@ class UpstreamCollector(Collector):
             "Seconds until a trusted signing key expires (negative: expired)",
             labels=["upstream", "fingerprint"],
         )
+        signing = GaugeMetricFamily(
+            "aptguard_signing_key_expiry_seconds",
+            "Seconds until a key signing the published view expires (negative: expired)",
+            labels=["upstream", "fingerprint"],
+        )
         snapshots = GaugeMetricFamily("aptguard_snapshots", "Snapshots stored", labels=["upstream"])
         current_bytes = GaugeMetricFamily(
             "aptguard_current_snapshot_bytes", "Bytes of the files of the current snapshot", labels=["upstream"]
@@ -199,6 +204,9 @@ class UpstreamCollector(Collector):
             for key in st["keys"]:
                 if key.get("expires_seconds") is not None:
                     keys.add_metric([name, key["fingerprint"]], key["expires_seconds"])
+            for key in st.get("signing_keys", []):
+                if key.get("expires_seconds") is not None:
+                    signing.add_metric([name, key["fingerprint"]], key["expires_seconds"])
             snapshots.add_metric([name], len(self.store.snapshot_ids(name)))
             if st["current"] and (size := self.snapshot_bytes(name, st["current"])) is not None:
                 current_bytes.add_metric([name], size)
@@ -214,6 +222,7 @@ class UpstreamCollector(Collector):
             hold,
             valid,
             keys,
+            signing,
             snapshots,
             current_bytes,
             warnings,

@@ -36,7 +36,7 @@ def migrate(source: FileStore, target: S3Store, log: Callable[[str], None]) -> d
                         continue
                     manifest = source.read_manifest(name, snap_id)
                     by_hash = source.read_by_hash(name, snap_id) or {}
-                    objects = {r["sha256"] for r in manifest.files.values()}
+                    objects = {r["sha256"] for r in (*manifest.files.values(), *manifest.source.values())}
                     for size in pool.map(lambda sha: _upload(source, target, sha), sorted(objects)):
                         if size:
                             report["objects"] += 1

@@ -27,6 +27,7 @@ REASONS = frozenset(
         "unsafe-path",
         "too-large",
         "storage-error",
+        "publish-failed",
         "internal-error",
     }
 )
@@ -54,6 +55,8 @@ ADVICE = {
     "unsafe-path": "the upstream names a path outside the repository: it is hostile or broken; report it",
     "too-large": "a download ran past its declared size: the upstream is broken or hostile",
     "storage-error": "the local disk failed (full or read-only): free space or fix the disk, then sync again",
+    "publish-failed": "the re-signed view could not be made (a signing key, or a filtered package's dependency): "
+    "fix the key or the packages filter; the previous view is still served",
     "internal-error": "a bug in aptguard: report it with the log's traceback; the other upstreams still synced",
 }
 

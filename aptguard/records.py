@@ -118,10 +118,44 @@ class SuiteRecord:
 
 
 @dataclass
+class Published:
+    """A published view (SPEC §7): the snapshot's tree holds indices and Releases aptguard wrote and
+    signed; the upstream's own verified signed files and indices are kept in `Manifest.source`."""
+
+    date: str  # ISO 8601 UTC: the published Releases' Date (also their Last-Modified)
+    valid_until: str  # ISO 8601 UTC
+    keys: list[TrustedKey]  # the signing keys, with their expiry (status warns before it)
+    config: str  # digest of the publish settings the view was made with: changed settings republish
+    packages: int = 0  # package entries in the view, over all suites and architectures
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Published:
+        return cls(
+            date=data["date"],
+            valid_until=data["valid_until"],
+            keys=[TrustedKey.from_json(k) for k in data["keys"]],
+            config=data["config"],
+            packages=data.get("packages", 0),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "date": self.date,
+            "valid_until": self.valid_until,
+            "keys": [k.to_json() for k in self.keys],
+            "config": self.config,
+            "packages": self.packages,
+        }
+
+
+@dataclass
 class Manifest:
     """meta/NAME/ID.json: everything a snapshot was verified to hold, written once at commit."""
 
-    FORMAT = 2  # 2: with `listed` (an on-demand upstream's pool files not held); written as 1 without it
+    # 2: with `listed` (an on-demand upstream's pool files not held); 3: with `published` and
+    # `source` (a re-signed view). Each is written with the lowest format that can hold it, so an
+    # older aptguard refuses, rather than garbage-collects, what it does not understand.
+    FORMAT = 3
 
     id: str
     upstream: str
@@ -137,6 +171,10 @@ class Manifest:
     # policy = "on-demand": pool files verified by their index but not fetched at sync time
     # (path -> record); served and stored at a client's first request. `files` is what is held.
     listed: dict[str, FileRecord] = field(default_factory=dict)
+    # A published view: its record, and the upstream's verified signed files and indices (path ->
+    # record), kept as objects for the next sync but not in the served tree.
+    published: Published | None = None
+    source: dict[str, FileRecord] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -151,6 +189,8 @@ class Manifest:
         by_hash_own: list[str],
         packages: Listing,
         listed: dict[str, FileRecord] | None = None,
+        published: Published | None = None,
+        source: dict[str, FileRecord] | None = None,
     ) -> Manifest:
         """A new manifest: count and bytes are computed from `files`."""
         return cls(
@@ -165,7 +205,9 @@ class Manifest:
             count=len(files),
             bytes=sum(r["size"] for r in files.values()),
             listed=listed or {},
-            format=2 if listed else 1,
+            format=3 if published else 2 if listed else 1,
+            published=published,
+            source=source or {},
         )
 
     @classmethod
@@ -176,8 +218,10 @@ class Manifest:
             files = data["files"]
             suites = data["suites"]
             listed = data.get("listed", {})
-            if not isinstance(files, dict) or not isinstance(suites, dict) or not isinstance(listed, dict):
-                raise TypeError("files, listed and suites must be objects")
+            source = data.get("source", {})
+            published = data.get("published")
+            if not all(isinstance(v, dict) for v in (files, suites, listed, source)):
+                raise TypeError("files, listed, source and suites must be objects")
             return cls(
                 id=data["id"],
                 upstream=data["upstream"],
@@ -191,12 +235,16 @@ class Manifest:
                 bytes=data["bytes"],
                 format=version,
                 listed=listed,
+                published=Published.from_json(published) if published is not None else None,
+                source=source,
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise _missing("manifest", source, exc) from exc
 
     def to_json(self) -> dict[str, Any]:
-        extra = {"listed": self.listed} if self.listed else {}
+        extra: dict[str, Any] = {"listed": self.listed} if self.listed else {}
+        if self.published is not None:
+            extra |= {"published": self.published.to_json(), "source": self.source}
         return {
             "format": self.format,
             "id": self.id,
@@ -211,6 +259,11 @@ class Manifest:
             "bytes": self.bytes,
             **extra,
         }
+
+    def upstream_record(self, path: str) -> FileRecord | None:
+        """The record of a file of the upstream's own tree this snapshot verified (in a published
+        view, its signed files and indices are not served but kept in `source`)."""
+        return self.source.get(path) or self.files.get(path)
 
     def listed_record(self, path: str) -> FileRecord | None:
         """The record of a file the snapshot lists, held or on demand."""

@@ -35,6 +35,8 @@ def summary(
             if manifest.listed
             else {}
         ),
+        # [upstreams.NAME.publish]: what clients are served is the mirror's re-signed view
+        **({"published": manifest.published.to_json()} if manifest.published is not None else {}),
     }
 
 

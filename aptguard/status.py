@@ -50,9 +50,14 @@ def upstream_status(config: Config, store: FileStore, name: str, now: datetime |
                         "clients fail with 'Release file is expired' until a newer one is promoted"
                     )
                 else:
+                    remedy = (
+                        "a sync re-signs it once half of valid_days has passed: check the sync timer"
+                        if "published" in served
+                        else "a newer upstream Release must be synced before then"
+                    )
                     warnings.append(
                         f"{suite}: the served Release expires in {_span(left)} (Valid-Until {meta['valid_until']}); "
-                        "a newer upstream Release must be synced before then"
+                        + remedy
                     )
     elif state.last_sync is None:
         warnings.append("never synced: run `aptguard sync " + name + "`")
@@ -66,6 +71,17 @@ def upstream_status(config: Config, store: FileStore, name: str, now: datetime |
             warnings.append(
                 f"trusted key {key.fingerprint} {verb}: get the upstream's renewed key into "
                 f"{config.upstreams[name].keyring if name in config.upstreams else 'the keyring'}"
+            )
+    signing = []
+    for key in (served.get("published") or {}).get("keys", []) if current is not None else []:
+        expires = _parse(key.get("expires"))
+        left = (expires - now).total_seconds() if expires else None
+        signing.append({**key, "expires_seconds": left})
+        if left is not None and left < config.key_expiry_margin_days * 86400:
+            verb = f"expired {_span(-left)} ago" if left <= 0 else f"expires in {_span(left)}"
+            warnings.append(
+                f"signing key {key['fingerprint']} of the published view {verb}: extend it or add a new key "
+                "to sign_with (both sign until the old one is dropped)"
             )
     last_success = _parse(state.last_success)
     if last_success is not None and now - last_success > timedelta(hours=config.stale_sync_hours):
@@ -87,6 +103,7 @@ def upstream_status(config: Config, store: FileStore, name: str, now: datetime |
         "previous": rollback_target(store, name, state),
         "suites": suites,
         "keys": keys,
+        **({"signing_keys": signing} if signing else {}),
         "warnings": warnings,
     }
 

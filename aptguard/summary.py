@@ -37,14 +37,22 @@ _pending: dict[tuple[str, str, str], asyncio.Task[None]] = {}
 
 def of_manifest(manifest: Manifest) -> dict[str, Any]:
     """The summary of one snapshot, from its manifest."""
-    return {
+    view = manifest.published  # a published view: clients read the mirror's Releases, not the upstream's
+    summary: dict[str, Any] = {
         "created": manifest.created,
         "suites": {
-            suite: {"date": meta.date, "valid_until": meta.valid_until} for suite, meta in manifest.suites.items()
+            suite: {
+                "date": view.date if view else meta.date,
+                "valid_until": view.valid_until if view else meta.valid_until,
+            }
+            for suite, meta in manifest.suites.items()
         },
         "files": manifest.count,
         "bytes": manifest.bytes,
     }
+    if view is not None:
+        summary["published"] = {"keys": [k.to_json() for k in view.keys], "packages": view.packages}
+    return summary
 
 
 def _key(store: FileStore, name: str, snap_id: str) -> tuple[str, str, str]:

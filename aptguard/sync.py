@@ -15,10 +15,10 @@ import shutil
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aptguard import verify
 from aptguard.config import Limits, UpstreamConfig
@@ -28,9 +28,13 @@ from aptguard.keyring import Keyring
 from aptguard.progress import Progress
 from aptguard.reasons import Rejected
 from aptguard.records import FileRecord, LastSync, Manifest, SuiteRecord, TrustedKey, UpstreamState, file_record
+from aptguard.signer import Signer
 from aptguard.snapshot import switch_current
 from aptguard.store import FileStore, SnapshotBuilder, new_snapshot_id, storage_error
 from aptguard.twin import Send, Twin
+
+if TYPE_CHECKING:  # publish.py (and the resolver's python-debian) load only for upstreams that publish
+    from aptguard import publish
 
 INRELEASE_LIMIT = 10_000_000  # apt's own cap on InRelease
 SIGNATURE_LIMIT = 1_000_000  # a Release.gpg: Debian's, three signatures, is under 3 KB
@@ -178,9 +182,10 @@ async def sync_all(
     log: Callable[[str], None] = lambda message: None,
     progress: Progress | None = None,
 ) -> list[SyncResult]:
-    """Sync each upstream in turn; whatever fails is that upstream's rejection, never the next one's."""
+    """Sync each upstream in turn; whatever fails is that upstream's rejection, never the next one's.
+    A published view resolving with other upstreams (`resolve_with`) is synced after them."""
     results = []
-    for up in upstreams:
+    for up in sorted(upstreams, key=lambda u: bool(u.publish and u.publish.resolve_with)):
         try:
             result = await sync_upstream(
                 up,
@@ -281,6 +286,9 @@ class _Sync:
 
         plan = _plan(store, up.name)
         step("plan")
+        # The snapshot whose suites an unchanged upstream reuses. A published view's snapshot holds
+        # only the pool files its filter chose: with publish turned off, everything is made anew.
+        base = plan.newest if plan.newest is None or plan.newest.published is None or up.publish else None
         keys = [
             TrustedKey(fingerprint=k.fingerprint, uid=k.uid, expires=_iso(k.expires) if k.expires else None)
             for k in self.keyring.keys
@@ -301,23 +309,36 @@ class _Sync:
         ) as fetcher:
             previous = plan.current.suites if plan.current is not None else {}
             suites = await _gather(
-                self._release(fetcher, s, plan.newest, previous.get(s), allow_release_change, now) for s in up.suites
+                self._release(fetcher, s, base, previous.get(s), allow_release_change, now) for s in up.suites
             )
             step("releases")
-            if plan.newest is not None and all(s.unchanged for s in suites):
-                self.log(f"{up.name}: unchanged (signed Release identical to snapshot {plan.newest.id})")
-                return SyncResult(
-                    up.name, "unchanged", snapshot=plan.newest.id, stats={"keys": keys, "requests": fetcher.requests}
-                )
-            files, suite_meta, packages, pool = await self._suites(fetcher, suites, plan.newest)
+            if base is not None and all(s.unchanged for s in suites):
+                why = _republish(up, base, now)
+                if why is None:
+                    self.log(f"{up.name}: unchanged (signed Release identical to snapshot {base.id})")
+                    return SyncResult(
+                        up.name, "unchanged", snapshot=base.id, stats={"keys": keys, "requests": fetcher.requests}
+                    )
+                self.log(f"{up.name}: upstream unchanged; publishing a new view ({why})")
+            files, suite_meta, packages, pool = await self._suites(fetcher, suites, base)
             step("indices")
+            view: publish.View | None = None
+            source: dict[str, FileRecord] = {}
+            if up.publish is not None:
+                view, source = await asyncio.to_thread(self._publish, suites, files, plan.newest, now)
+                files, pool, packages = self._view_files(view), view.pool, view.listing
+                suite_meta = {
+                    name: replace(meta, paths=[p for p in meta.paths if p in source])
+                    for name, meta in suite_meta.items()
+                }
+                step("publish")
             snap_id = new_snapshot_id(set(store.snapshot_ids(up.name)))
             builder = store.new_snapshot(up.name, snap_id, plan.newest)
             try:
                 await self._pool(fetcher, pool, _known_hashes(plan.newest, plan.current), files, builder)
                 requests = fetcher.requests
                 step("pool")
-                manifest, own_by_hash = self._build(snap_id, files, suite_meta, packages, plan)
+                manifest, own_by_hash = self._build(snap_id, files, suite_meta, packages, plan, view, source)
                 written = await asyncio.to_thread(self._commit, builder, manifest, files, own_by_hash)
                 step("commit")
             except BaseException:
@@ -343,6 +364,7 @@ class _Sync:
                 if self.listed
                 else {}
             ),
+            **({"published": view.published.to_json()} if view is not None else {}),
             # Against the current snapshot (what a promotion replaced, or what stays served).
             "changes": count_lines({"suites": compare(old_packages, manifest.packages)}),
             "steps": steps,
@@ -365,6 +387,8 @@ class _Sync:
         suite_meta: dict[str, SuiteRecord],
         packages: dict[str, Any],
         plan: _Plan,
+        view: publish.View | None,
+        source: dict[str, FileRecord],
     ) -> tuple[Manifest, dict[str, FileRecord]]:
         """The manifest of the new snapshot, and its own by-hash entries."""
         own_by_hash = {p: files.records[p] for p in sorted(files.by_hash)}
@@ -383,8 +407,71 @@ class _Sync:
             by_hash_own=sorted(own_by_hash),
             packages=packages,
             listed=self.listed,
+            published=view.published if view is not None else None,
+            source=source,
         )
         return manifest, own_by_hash
+
+    # ------------------------------------------------------------ published view
+
+    def _publish(
+        self, suites: list[_Suite], upstream: _Files, newest: Manifest | None, now: datetime
+    ) -> tuple[publish.View, dict[str, FileRecord]]:
+        """The published view of the verified suites, and the upstream files it was made from
+        (signed files, indices, by-hash: kept for the next sync, not served). In a worker thread."""
+        from aptguard import publish
+
+        assert self.up.publish is not None
+        named: set[str] = set()
+        for s in suites:
+            named.update(s.release.base + name for name in SIGNED_NAMES)
+            named.update(e.path for e in s.release.files.values())
+        source = {p: r for p, r in upstream.records.items() if p in named or p in upstream.by_hash}
+        work = self.work / "publish"
+        work.mkdir(exist_ok=True)
+        others = None
+        if self.up.publish.packages and self.up.publish.resolve_with:
+            manifests = []
+            for other in self.up.publish.resolve_with:
+                current = self.store.current(other)
+                if current is None:
+                    raise Rejected("publish-failed", f"resolve_with: {other} has no current snapshot; sync it first")
+                manifests.append(self.store.read_manifest(other, current))
+            others = publish.elsewhere(manifests, self.store.open_object, self.limits.max_index_bytes)
+        with Signer(self.up.publish, now) as signer:
+            view = publish.make_view(
+                self.up,
+                [s.release for s in suites],
+                source,
+                self.store.open_object,
+                newest.published if newest is not None else None,
+                signer,
+                work,
+                now,
+                self.limits.max_index_bytes,
+                others,
+            )
+        for n, (path, (data, record)) in enumerate(sorted(view.files.items())):
+            if data is not None:
+                tmp = work / f"file-{n}"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+                with os.fdopen(fd, "wb") as out:
+                    out.write(data)
+                self.store.adopt(tmp, record["sha256"], mtime=view.mtime)
+                view.files[path] = (None, record)  # stored: the bytes need not stay in memory
+        keys = ", ".join(k.fingerprint for k in view.published.keys)
+        self.log(f"{self.up.name}: published view of {view.published.packages} packages, signed by {keys}")
+        return view, source
+
+    def _view_files(self, view: publish.View) -> _Files:
+        """The snapshot's tree of a published view, before its pool files join it."""
+        files = _Files()
+        for path, (_, record) in view.files.items():
+            files.add(path, record)
+        for path, record in view.by_hash.items():
+            files.add(path, record)
+            files.by_hash.add(path)
+        return files
 
     def _commit(
         self, builder: SnapshotBuilder, manifest: Manifest, files: _Files, own_by_hash: dict[str, FileRecord]
@@ -447,6 +534,11 @@ class _Sync:
         )
         for note in verdict.notes:
             self.log(f"{self.up.name}: {note}")
+        if unchanged and newest is not None and not _holds_needed(verdict.release, self.up, newest):
+            # The config now asks for an index (an architecture, a component, a language) the
+            # stored snapshot never fetched: the suite is made anew from the same Release.
+            self.log(f"{self.up.name}: {suite}: the configured indices changed; fetching them")
+            unchanged = False
         for name in list(signed):
             if name not in verdict.serve:
                 signed.pop(name).discard()
@@ -468,7 +560,10 @@ class _Sync:
                 assert newest is not None
                 suite_meta[s.name] = meta = newest.suites[s.name]
                 for path in meta.paths:
-                    files.add(path, newest.files[path], pool=None)  # as the newest snapshot holds it
+                    record = newest.upstream_record(path)
+                    if record is None:
+                        raise KeyError(f"snapshot {newest.id} lists {path} in suite {s.name} but holds no record of it")
+                    files.add(path, record, pool=None)  # as the newest snapshot holds it
                 if s.name in newest.packages:
                     packages[s.name] = newest.packages[s.name]
                 base = verify.suite_base(s.name)
@@ -811,6 +906,27 @@ def _retained_by_hash(
                 entries = {p: current.files[p] for p in current.by_hash_own if p in current.files}
         found.update(entries)
     return found
+
+
+def _holds_needed(release: verify.TrustedRelease, up: UpstreamConfig, newest: Manifest) -> bool:
+    """Whether `newest` holds a variant of every index this config needs of the suite (a sync
+    that stored the snapshot had to: an index with no variant upstream is `index-missing`)."""
+    return all(
+        any(newest.upstream_record(v.path) is not None for v in group.variants)
+        for group in verify.needed_indices(release, up)
+    )
+
+
+def _republish(up: UpstreamConfig, newest: Manifest, now: datetime) -> str | None:
+    """Why an upstream whose Releases did not change still needs a new snapshot (a view to
+    publish or refresh), or None."""
+    if up.publish is None:
+        return None
+    if newest.published is None:
+        return "publish is configured"
+    from aptguard import publish
+
+    return publish.needs_refresh(newest.published, up, now)
 
 
 def _known_hashes(*manifests: Manifest | None) -> dict[str, dict[str, Any]]:

@@ -946,6 +946,30 @@ def _remembered(known: Any, where: str) -> PoolFile | None:
         return None
 
 
+def verified_stanzas(path: str, raw: BinaryIO, max_bytes: int) -> Iterator[tuple[bytes, PoolFile]]:
+    """Each stanza of a stored Packages index (`raw`: its object, already verified against its
+    Release) with its pool file, cut and read exactly as a sync reads it; decompressed never past
+    `max_bytes`. For a published view, which writes the very stanzas apt would read."""
+    stanzas = _Stanzas(path)
+    total = n = 0
+    try:
+        with _decompressed(compression(path), raw) as text:
+            while chunk := text.read(CHUNK):
+                total += len(chunk)
+                if total > max_bytes:
+                    raise Rejected("too-large", f"{path}: decompresses past {max_bytes} bytes (limits.max_index_bytes)")
+                for stanza in stanzas.feed(chunk):
+                    n += 1
+                    yield stanza, _package_entry(stanza, n, path, stanzas.plain)
+    except Rejected:
+        raise
+    except Exception as exc:  # a decompressor's own error: the object changed since it was verified
+        raise Rejected("index-mismatch", f"{path}: cannot be decompressed ({type(exc).__name__}: {exc})") from None
+    for stanza in stanzas.finish():
+        n += 1
+        yield stanza, _package_entry(stanza, n, path, stanzas.plain)
+
+
 def _entries(kind: str, stanza: bytes, n: int, where: str, plain: bool = False) -> Iterable[PoolFile]:
     if kind == "Packages":
         return (_package_entry(stanza, n, where, plain),)

@@ -121,7 +121,11 @@ class Mirror:
             lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
         for name, values in self.upstreams.items():
             lines.append(f"\n[upstreams.{name}]")
-            lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
+            lines += [f"{k} = {_toml(v)}" for k, v in values.items() if not isinstance(v, dict)]
+            for sub, table in values.items():  # [upstreams.NAME.publish]
+                if isinstance(table, dict):
+                    lines.append(f"\n[upstreams.{name}.{sub}]")
+                    lines += [f"{k} = {_toml(v)}" for k, v in table.items()]
         self.config.write_text("\n".join(lines) + "\n")
 
     # ------------------------------------------------------------ CLI

@@ -172,8 +172,17 @@ class Site:
     NAME = "example"
 
     def __init__(
-        self, workdir: Path, key: SigningKey, deb_cache: Path, *, by_hash: bool = True, big: int = 0, workers: int = 1
+        self,
+        workdir: Path,
+        key: SigningKey,
+        deb_cache: Path,
+        *,
+        by_hash: bool = True,
+        big: int = 0,
+        workers: int = 1,
+        publish: dict[str, object] | None = None,
     ) -> None:
+        """`publish`: the mirror serves a published view ([upstreams.NAME.publish] settings)."""
         self.workdir = workdir
         self.key = key
         self.by_hash = by_hash
@@ -194,6 +203,7 @@ class Site:
                     "components": ["main"],
                     "architectures": ["amd64"],
                     "keyring": self.keyring,
+                    **({"publish": publish} if publish else {}),
                 }
             },
         )

@@ -23,10 +23,10 @@ PROMOTIONS = 4
 PACKAGES = 40  # a bigger index widens the window between InRelease and the index fetch
 
 
-def build(tmp_path: Path, keys, deb_cache: Path, *, by_hash: bool) -> Site:
+def build(tmp_path: Path, keys, deb_cache: Path, *, by_hash: bool, publish: dict[str, object] | None = None) -> Site:
     # The embedded server as a fleet runs it: two workers, each holding InRelease and indices in
     # memory, must both follow every promotion.
-    site = Site(tmp_path / "site", keys("concurrency"), deb_cache, by_hash=by_hash, workers=2)
+    site = Site(tmp_path / "site", keys("concurrency"), deb_cache, by_hash=by_hash, workers=2, publish=publish)
     for i in range(PACKAGES):
         site.repo.add(Site.SUITE, "main", "amd64", f"filler{i:03d}", "1.0-1", size=512)
     site.new_version()
@@ -43,6 +43,17 @@ def by_hash_site(tmp_path: Path, keys, deb_cache: Path) -> Iterator[Site]:
 @pytest.fixture
 def plain_site(tmp_path: Path, keys, deb_cache: Path) -> Iterator[Site]:
     site = build(tmp_path, keys, deb_cache, by_hash=False)
+    yield site
+    site.close()
+
+
+@pytest.fixture
+def published_site(tmp_path: Path, keys, deb_cache: Path) -> Iterator[Site]:
+    """An upstream without by-hash whose mirror serves a view re-signed with the mirror's key."""
+    mirror_key = keys("concurrency-mirror")
+    secret = mirror_key.secret_file(tmp_path / "mirror.key")
+    site = build(tmp_path, keys, deb_cache, by_hash=False, publish={"sign_with": [str(secret)]})
+    site.keyring = mirror_key.public_path  # what the clients trust: the mirror's key alone
     yield site
     site.close()
 
@@ -101,3 +112,22 @@ def test_suite_without_by_hash_fails_only_transiently(plain_site: Site, tmp_path
     recovered = [c.update() for c in clients]
     assert all(r.ok for r in recovered), [r.output for r in recovered if not r.ok][:1]
     assert {c.available("hello") for c in clients} == {f"{plain_site.version}.0-1"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server", ["embedded", "nginx"])
+def test_a_published_view_of_a_suite_without_by_hash_never_fails_during_promotions(
+    published_site: Site, server: str, tmp_path: Path
+) -> None:
+    """The same upstream as above (no by-hash), served as a published view: the mirror's Release
+    has by-hash, so the failures measured above drop to none."""
+    upstream = (published_site.repo.root / f"dists/{Site.SUITE}/InRelease").read_bytes()
+    assert b"Acquire-By-Hash" not in upstream  # the upstream really has no by-hash
+    results, clients = storm(published_site, server, tmp_path)
+    failures = [r.output for r in results if not r.ok]
+    print(f"\npublished view of a suite without by-hash, {server}: {len(results)} updates, {len(failures)} failed")
+    assert len(results) >= 2 * CLIENTS
+    assert failures == [], f"{len(failures)} of {len(results)} updates failed; first:\n{failures[0]}"
+    final = f"{published_site.version}.0-1"
+    assert all(c.update().ok for c in clients[:3])
+    assert {c.available("hello") for c in clients[:3]} == {final}

@@ -95,11 +95,11 @@ def test_a_real_sync_writes_records_that_read_back_unchanged(
 
 def test_a_manifest_of_a_newer_format_is_refused_naming_the_file(tmp_path: Path) -> None:
     store = FileStore(tmp_path / "data")
-    data = json.loads(OLD_MANIFEST.read_bytes()) | {"format": 3}
+    data = json.loads(OLD_MANIFEST.read_bytes()) | {"format": 4}
     path = store.root / "meta" / "up" / f"{data['id']}.json"
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(data))
-    with pytest.raises(RecordError, match=r"format 3 is newer than this aptguard reads \(format 2\)") as caught:
+    with pytest.raises(RecordError, match=r"format 4 is newer than this aptguard reads \(format 3\)") as caught:
         store.read_manifest("up", data["id"])
     assert str(path) in str(caught.value)
 

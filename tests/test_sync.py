@@ -145,6 +145,28 @@ def test_unchanged_upstream_costs_one_request_per_suite_and_no_snapshot(
     assert mirror.last_sync("debian")["outcome"] == "unchanged"
 
 
+def test_an_architecture_added_to_the_config_is_fetched_though_the_upstream_is_unchanged(
+    tmp_path: Path, keys: Callable[..., SigningKey], repo: Callable[..., Repo], serve
+) -> None:
+    r, up = debian_upstream(repo, keys, serve)
+    mirror = mirror_of(tmp_path, up, write_keyring(tmp_path / "k.asc", [keys("upstream")]), architectures=["amd64"])
+    assert mirror.sync().returncode == 0
+    mirror.start_server()
+    try:
+        arm64 = "/debian/dists/bookworm/main/binary-arm64/Packages.xz"
+        assert mirror.get(arm64)[0] == 404
+        mirror.upstreams["debian"]["architectures"] = ["amd64", "arm64"]
+        mirror.write_config()
+        run = mirror.sync()
+        assert run.returncode == 0 and mirror.last_sync("debian")["outcome"] == "promoted", run.output
+        assert mirror.get(arm64) == (200, (r.root / arm64.removeprefix("/debian/")).read_bytes())
+        deb = r.deb_path("bookworm", "main", "arm64", "main-tool")
+        assert mirror.get("/debian/" + deb.relative_to(r.root).as_posix()) == (200, deb.read_bytes())
+        assert mirror.sync().returncode == 0 and mirror.last_sync("debian")["outcome"] == "unchanged"
+    finally:
+        mirror.stop_server()
+
+
 def test_an_unchanged_package_is_stored_once_across_snapshots(
     tmp_path: Path, keys: Callable[..., SigningKey], repo: Callable[..., Repo], serve
 ) -> None:
