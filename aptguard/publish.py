@@ -30,13 +30,13 @@ import hashlib
 import json
 import lzma
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
 
-from aptguard import resolve, tagfile, verify
+from aptguard import resolve, verify
 from aptguard.config import UpstreamConfig
 from aptguard.keyring import Keyring
 from aptguard.reasons import Rejected
@@ -44,7 +44,7 @@ from aptguard.records import FileRecord, Listing, Manifest, Published, TrustedKe
 from aptguard.signer import Signer
 
 VIEW_HASHES = {"sha256": "SHA256", "sha512": "SHA512"}  # listed in the Release, each with a by-hash folder
-XZ_PRESET = 1  # xz -1: a 60,000-package index in ~1 s instead of ~8 s at -6, still smaller than gzip -9
+XZ_PRESET = 0  # a 60,000-package index (31 MB) in 1.5 s (-1: 2.2 s, -6: ~8 s), 5 % larger than at -1
 RELEASE_FIELDS = ("origin", "label", "suite", "codename", "version", "description")
 
 
@@ -87,7 +87,6 @@ class View:
     listing: Listing
     published: Published
     mtime: float  # the Date: Last-Modified of every file written here
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -97,7 +96,19 @@ class _Index:
     name: str  # relative to the suite folder: "main/binary-amd64/Packages", "Packages" (flat)
     label: str  # "main/amd64"
     plain: bool  # also published uncompressed (the upstream served it so)
-    stanzas: list[tuple[bytes, verify.PoolFile]] = field(default_factory=list)
+    stanzas: list[_Stanza] = field(default_factory=list)
+
+
+@dataclass
+class _Stanza:
+    """A stanza of a verified index as index_stanzas cut it; its pool file is read only once the
+    view keeps it (a filtered view of 60,000 packages reads a few hundred)."""
+
+    text: bytes
+    plain: bool
+    n: int  # its place in `where`, for messages
+    where: str  # the index it came from
+    entry: verify.PoolFile | None = None
 
 
 Elsewhere = dict[str, list[resolve.Candidate]]  # architecture -> packages another upstream offers
@@ -109,7 +120,7 @@ def elsewhere(manifests: list[Manifest], open_object: Callable[[str], BinaryIO],
     resolves across all its sources) but are not part of the view."""
     found: Elsewhere = {}
     for manifest in manifests:
-        records = {**manifest.files, **manifest.source}
+        records = manifest.files  # what that upstream's clients are served (its view, if it has one)
         cheapest: dict[str, str] = {}  # index without its compression -> the cheapest variant's path
         for path in records:
             name = path.rsplit("/", 1)[-1]
@@ -122,8 +133,8 @@ def elsewhere(manifests: list[Manifest], open_object: Callable[[str], BinaryIO],
             folder = stem.rsplit("/", 2)[-2] if stem.count("/") >= 1 else ""
             arch = folder.removeprefix("binary-") if folder.startswith("binary-") else "*"
             with open_object(records[path]["sha256"]) as raw:
-                for stanza, entry in verify.verified_stanzas(path, raw, max_index_bytes):
-                    found.setdefault(arch, []).append(_candidate(stanza, entry, None, full=True))
+                for stanza, plain in verify.index_stanzas(path, raw, max_index_bytes):
+                    found.setdefault(arch, []).append(_candidate(stanza, plain, None))
     return found
 
 
@@ -142,9 +153,11 @@ def make_view(
     now: datetime,
     max_index_bytes: int,
     others: Elsewhere | None = None,
+    memo: verify.ParseMemo | None = None,
 ) -> View:
     """The published view of these verified suites (`records`: every upstream file the sync
-    verified, path -> record). Runs in a worker thread; Rejected("publish-failed") if it cannot."""
+    verified, path -> record; `memo`: the sync's readings of stanzas, which spare reading the
+    kept ones again). Runs in a worker thread; Rejected("publish-failed") if it cannot."""
     assert up.publish is not None
     date = now.astimezone(UTC).replace(microsecond=0)
     if previous is not None:
@@ -155,28 +168,35 @@ def make_view(
     by_hash: dict[str, FileRecord] = {}
     pool: dict[str, verify.PoolFile] = {}
     listing: Listing = {}
-    missing: dict[str, int] = {root: 0 for root in up.publish.packages}
-    stanzas = 0  # package entries in the view  # root -> (suite, arch)s that have it
+    missing: dict[str, int] = {root: 0 for root in up.publish.packages}  # root -> (suite, arch)s that have it
+    stanzas = 0  # package entries in the view
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="aptguard-publish") as compressors:
         for release in releases:
             indices, passthrough = _read_suite(up, release, records, open_object, max_index_bytes)
             for root, count in _select(up, release, indices, others or {}).items():
                 missing[root] += count
-            written: list[tuple[str, bytes, bool]] = []  # (path, bytes, served)
+            written: list[tuple[str, Future[bytes], bool]] = []  # (path, its bytes, served)
             for index in indices:
-                text = b"".join(s.rstrip(b"\n") + b"\n\n" for s, _ in index.stanzas)
-                variants = [(".xz", compressors.submit(_xz, text)), (".gz", compressors.submit(_gz, text))]
-                written.extend((release.base + index.name + ext, job.result(), True) for ext, job in variants)
+                for st in index.stanzas:
+                    st.entry = verify.package_entry(st.text, st.n, st.where, st.plain, memo)
+                text = b"".join(st.text.rstrip(b"\n") + b"\n\n" for st in index.stanzas)
+                # Compressed in threads (lzma and zlib release the GIL) while the next index is read.
+                for ext, compress in ((".xz", _xz), (".gz", _gz)):
+                    written.append((release.base + index.name + ext, compressors.submit(compress, text), True))
                 # apt finds an index by its uncompressed name in the Release: always listed (as
                 # Debian lists it), served only where the upstream served it.
-                written.append((release.base + index.name, text, index.plain))
+                done: Future[bytes] = Future()
+                done.set_result(text)
+                written.append((release.base + index.name, done, index.plain))
                 stanzas += len(index.stanzas)
                 versions = listing.setdefault(release.suite, {}).setdefault(index.label, {})
-                for _, entry in index.stanzas:
+                entries = [st.entry for st in index.stanzas if st.entry is not None]
+                for entry in entries:
                     versions[entry.package] = entry.version
-                verify.merge_pool((entry for _, entry in index.stanzas), pool)
+                verify.merge_pool(entries, pool)
             listed: dict[str, FileRecord] = {}  # every entry of the Release
-            for path, data, served in written:
+            for path, job, served in written:
+                data = job.result()
                 listed[path] = _record(data)
                 if served:
                     files[path] = (data, listed[path])
@@ -220,7 +240,7 @@ def _read_suite(
     """The suite's Packages indices as the view will publish them (a separate binary-all folded
     into each architecture's, unless "all" is configured), and the Translation files passed through."""
     indices: dict[str, _Index] = {}
-    folded: list[tuple[str, list[tuple[bytes, verify.PoolFile]]]] = []  # (component, arch:all stanzas)
+    folded: list[tuple[str, list[_Stanza]]] = []  # (component, arch:all stanzas)
     passthrough: list[str] = []
     for group in verify.needed_indices(release, up):
         present = [v for v in group.variants if v.path in records]
@@ -229,9 +249,12 @@ def _read_suite(
             continue
         if group.kind != "Packages" or not present:
             continue
-        source = min(present, key=lambda v: verify._DECOMPRESS_COST.get(verify.compression(v.path), 9))
+        source = min(present, key=lambda v: _cost(v.path))
         with open_object(records[source.path]["sha256"]) as raw:
-            stanzas = list(verify.verified_stanzas(source.path, raw, max_index_bytes))
+            stanzas = [
+                _Stanza(text, plain, n, source.path)
+                for n, (text, plain) in enumerate(verify.index_stanzas(source.path, raw, max_index_bytes), 1)
+            ]
         component, _, arch = group.label.rpartition("/")
         if arch == "all" and "all" not in up.architectures:
             folded.append((component, stanzas))
@@ -260,9 +283,7 @@ def _select(
         return found  # every stanza
     for arch, group in arches.items():
         candidates = [
-            _candidate(stanza, entry, (n, i), full=bool(up.publish.packages))
-            for n, index in enumerate(group)
-            for i, (stanza, entry) in enumerate(index.stanzas)
+            _candidate(st.text, st.plain, (n, i)) for n, index in enumerate(group) for i, st in enumerate(index.stanzas)
         ]
         if up.publish.packages:
             outside = [*others.get(arch, ()), *others.get("all", ()), *others.get("*", ())]
@@ -284,18 +305,10 @@ def _select(
     return found
 
 
-def _candidate(stanza: bytes, entry: verify.PoolFile, key: tuple[int, int] | None, *, full: bool) -> resolve.Candidate:
-    """A stanza as the resolver sees it (`full`: with its relations, read by apt's rules)."""
-    if not full:
-        return resolve.Candidate(entry.package, entry.version, key=key)
-    fields = tagfile.fields(stanza)
-
-    def text(name: bytes) -> str:
-        return fields.get(name, b"").decode("utf-8", "replace")
-
-    return resolve.Candidate(
-        entry.package, entry.version, text(b"depends"), text(b"pre-depends"), text(b"provides"), key=key
-    )
+def _candidate(stanza: bytes, plain: bool, key: tuple[int, int] | None) -> resolve.Candidate:
+    """A stanza as the resolver sees it, its fields read by apt's rules."""
+    package, version, depends, pre_depends, provides = verify.relation_fields(stanza, plain)
+    return resolve.Candidate(package, version, depends, pre_depends, provides, key=key)
 
 
 def _release_text(

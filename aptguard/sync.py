@@ -450,6 +450,7 @@ class _Sync:
                 now,
                 self.limits.max_index_bytes,
                 others,
+                self.memo or verify.ParseMemo.from_json(self.store.read_cache(self.up.name, PARSE_MEMO)),
             )
         for n, (path, (data, record)) in enumerate(sorted(view.files.items())):
             if data is not None:

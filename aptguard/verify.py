@@ -924,7 +924,7 @@ class ParseMemo:
     def entry(self, stanza: bytes, n: int, where: str, plain: bool) -> PoolFile:
         """The pool file of a Packages stanza: remembered, or parsed (and remembered)."""
         key = hashlib.sha256(stanza).hexdigest()
-        known = self.known.get(key)
+        known = self.seen.get(key) or self.known.get(key)
         found = _remembered(known, where) if known is not None else None
         if found is None:
             found = _package_entry(stanza, n, where, plain)
@@ -946,12 +946,13 @@ def _remembered(known: Any, where: str) -> PoolFile | None:
         return None
 
 
-def verified_stanzas(path: str, raw: BinaryIO, max_bytes: int) -> Iterator[tuple[bytes, PoolFile]]:
+def index_stanzas(path: str, raw: BinaryIO, max_bytes: int) -> Iterator[tuple[bytes, bool]]:
     """Each stanza of a stored Packages index (`raw`: its object, already verified against its
-    Release) with its pool file, cut and read exactly as a sync reads it; decompressed never past
-    `max_bytes`. For a published view, which writes the very stanzas apt would read."""
+    Release), cut exactly as a sync cuts it, with whether the fast reading applies to it (see
+    package_entry, relation_fields); decompressed never past `max_bytes`. For a published view,
+    which writes the very stanzas apt would read."""
     stanzas = _Stanzas(path)
-    total = n = 0
+    total = 0
     try:
         with _decompressed(compression(path), raw) as text:
             while chunk := text.read(CHUNK):
@@ -959,15 +960,40 @@ def verified_stanzas(path: str, raw: BinaryIO, max_bytes: int) -> Iterator[tuple
                 if total > max_bytes:
                     raise Rejected("too-large", f"{path}: decompresses past {max_bytes} bytes (limits.max_index_bytes)")
                 for stanza in stanzas.feed(chunk):
-                    n += 1
-                    yield stanza, _package_entry(stanza, n, path, stanzas.plain)
+                    yield stanza, stanzas.plain
     except Rejected:
         raise
     except Exception as exc:  # a decompressor's own error: the object changed since it was verified
         raise Rejected("index-mismatch", f"{path}: cannot be decompressed ({type(exc).__name__}: {exc})") from None
     for stanza in stanzas.finish():
-        n += 1
-        yield stanza, _package_entry(stanza, n, path, stanzas.plain)
+        yield stanza, stanzas.plain
+
+
+def package_entry(stanza: bytes, n: int, where: str, plain: bool, memo: ParseMemo | None = None) -> PoolFile:
+    """The pool file of the `n`th stanza of a Packages index, read as a sync reads it."""
+    return memo.entry(stanza, n, where, plain) if memo is not None else _package_entry(stanza, n, where, plain)
+
+
+_RELATION_FIELD = re.compile(
+    rb"\n(package|version|depends|pre-depends|provides)[ \t]*:[ \t]*([^\n]*(?:\n[ \t][^\n]*)*)", re.IGNORECASE
+)
+_RELATIONS = (b"package", b"version", b"depends", b"pre-depends", b"provides")
+
+
+def relation_fields(stanza: bytes, plain: bool) -> tuple[str, ...]:
+    """Package, Version, Depends, Pre-Depends and Provides of a Packages stanza by apt's rules
+    ("" where absent): one search over its bytes where `plain` (index_stanzas) says nothing in it
+    could read otherwise, else tagfile.fields."""
+    found: dict[bytes, bytes] = {}
+    if plain:
+        for key, value in _RELATION_FIELD.findall(b"\n" + stanza):
+            found[key.lower()] = value.strip(tagfile.WHITESPACE)
+    else:
+        try:
+            found = tagfile.fields(stanza)
+        except tagfile.TagFileError as exc:
+            raise Rejected("index-mismatch", f"stanza unreadable by apt's rules: {exc}") from None
+    return tuple(_text(found.get(name, b"")) for name in _RELATIONS)
 
 
 def _entries(kind: str, stanza: bytes, n: int, where: str, plain: bool = False) -> Iterable[PoolFile]:

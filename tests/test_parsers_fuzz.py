@@ -87,6 +87,7 @@ def test_the_splitter_never_fails_but_with_a_framing_error(data: bytes) -> None:
 
 _NAMES = st.sampled_from(["Package", "package", "PACKAGE", "Filename", "filename", "Size", "SIZE", "SHA256"])
 _NAMES |= st.sampled_from(["sha256", "MD5sum", "MD5Sum", "Version", "Description", "X-Other", "#Filename"])
+_NAMES |= st.sampled_from(["Depends", "depends", "Pre-Depends", "PRE-DEPENDS", "Provides", "Depends-X", "X-Depends"])
 _VALUES = st.lists(st.one_of(_EDGE, st.sampled_from([b"pool/a.deb", b"12", b"abc", b"1.0"])), max_size=5).map(b"".join)
 _SEP = st.sampled_from([b":", b" :", b"\t:", b": ", b":\t", b":  "])
 
@@ -118,6 +119,20 @@ def test_the_fast_packages_reader_reads_what_the_full_tag_parser_reads(stanza: b
     except Rejected:
         fast = None
     assert fast == exact
+
+
+@BUDGET
+@given(stanzas())
+def test_the_fast_relation_reader_reads_what_the_full_tag_parser_reads(stanza: bytes) -> None:
+    """A published view's filter reads Package, Version and the relations fast where index_stanzas
+    says the block is plain; there it must read what apt's rule-for-rule parser reads."""
+    if not verify._plain(b"\n" + stanza):
+        return  # the full parser reads those itself
+    try:
+        exact = verify.relation_fields(stanza, plain=False)
+    except Rejected:
+        return
+    assert verify.relation_fields(stanza, plain=True) == exact
 
 
 @BUDGET
