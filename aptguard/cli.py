@@ -10,9 +10,11 @@ the typer app of aptguard.commands.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -142,14 +144,43 @@ def run_promote(ctx: Any, name: str, snap_id: str) -> None:
     from aptguard.snapshot import promote as do_promote
 
     config, store = _load(ctx)
-    _upstream(config, name)
+    up = _upstream(config, name)
     try:
-        old = do_promote(store, name, snap_id)
+        with resigning(store, up) as resign:
+            old, now = do_promote(store, name, snap_id, resign)
     except UsageError as exc:
         _fail(str(exc))
     except Refused as exc:
         _fail(str(exc), 1)
-    echo(f"{name}: current is now {snap_id} (was {old or 'none'}); hold cleared")
+    copy = f" (a copy of {snap_id} re-signed: apt ignores an older Release)" if now != snap_id else ""
+    echo(f"{name}: current is now {now}{copy} (was {old or 'none'}); hold cleared")
+
+
+@contextlib.contextmanager
+def resigning(store: FileStore, up: Any) -> Iterator[Any]:
+    """For an upstream with a published view: the hook that makes a re-signed copy of an older
+    view before promote or rollback switches to it (under the shared collection lock, as a
+    sync builds a snapshot); None otherwise. A view that cannot be re-signed is Refused."""
+    if up.publish is None:
+        yield None
+        return
+    from datetime import UTC, datetime
+
+    from aptguard import publish
+    from aptguard.reasons import Rejected
+    from aptguard.snapshot import Refused
+
+    def resign(target: str, current: str | None) -> str:
+        older = publish.older_view(store, up.name, target, current)
+        if older is None:
+            return target
+        try:
+            return publish.resigned_copy(store, up, older, datetime.now(UTC))
+        except Rejected as exc:
+            raise Refused(f"{up.name}: {target} was not made current: {exc.reason}: {exc.detail}") from None
+
+    with store.collection_lock(exclusive=False, wait_message=f"{up.name}: waiting for a running gc to finish"):
+        yield resign
 
 
 def _sync_progress(log_format: str, names: list[str]) -> Any:

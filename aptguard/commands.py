@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from aptguard.cli import _Context, _fail, _load, _print_json, _upstream, run_promote, run_sync
+from aptguard.cli import _Context, _fail, _load, _print_json, _upstream, resigning, run_promote, run_sync
 from aptguard.config import parse_listen
 from aptguard.reasons import UsageError
 from aptguard.store import FileStore
@@ -209,12 +209,19 @@ def rollback(
     from aptguard.snapshot import rollback as do_rollback
 
     config, store = _load(ctx)
-    _upstream(config, name)
+    up = _upstream(config, name)
     try:
-        old, now = do_rollback(store, name, to)
+        with resigning(store, up) as resign:
+            old, now = do_rollback(store, name, to, resign)
     except Refused as exc:
         _fail(str(exc), 1)
     typer.echo(f"{name}: current is now {now} (was {old or 'none'}); on hold: syncs store but do not promote")
+    if up.publish is not None:
+        typer.echo(
+            f"{name}:   a published view: every host takes it at its next update (re-signed with a newer Date "
+            f"when it was older). `aptguard promote {name} ID` ends the hold."
+        )
+        return
     typer.echo(
         f"{name}:   hosts that already fetched the newer lists keep them (apt ignores an older Release); "
         f"point them at /snapshots/{name}/{now}/ or a pin. `aptguard promote {name} ID` ends the hold."

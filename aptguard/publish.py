@@ -29,9 +29,12 @@ import gzip
 import hashlib
 import json
 import lzma
+import os
+import re
+import shutil
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
@@ -42,6 +45,7 @@ from aptguard.keyring import Keyring
 from aptguard.reasons import Rejected
 from aptguard.records import FileRecord, Listing, Manifest, Published, TrustedKey, file_record
 from aptguard.signer import Signer
+from aptguard.store import FileStore
 
 VIEW_HASHES = {"sha256": "SHA256", "sha512": "SHA512"}  # listed in the Release, each with a by-hash folder
 XZ_PRESET = 0  # a 60,000-package index (31 MB) in 1.5 s (-1: 2.2 s, -6: ~8 s), 5 % larger than at -1
@@ -386,3 +390,97 @@ def _gz(data: bytes) -> bytes:
 
 def _iso(when: datetime) -> str:
     return when.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+# ---------------------------------------------------------------- re-signing on rollback
+
+_DATE_LINE = re.compile(rb"^Date: [^\n]*$", re.MULTILINE)
+_VALID_LINE = re.compile(rb"^Valid-Until: [^\n]*$", re.MULTILINE)
+
+
+def resigned_copy(store: FileStore, up: UpstreamConfig, target: Manifest, now: datetime) -> str:
+    """A new snapshot serving exactly `target`'s view, its Releases signed again with a Date later
+    than any view of the upstream; its id. apt ignores a Release older than the one it holds, so
+    a rollback (or a promote) to an older view reaches the hosts that updated since only re-signed.
+    Under the upstream's lease and the shared collection lock (the caller's)."""
+    assert up.publish is not None and target.published is not None
+    from aptguard.store import new_snapshot_id
+    from aptguard.sync import SIGNED_NAMES, retained_by_hash
+
+    ids = store.snapshot_ids(up.name)
+    dates = [target.published.date]
+    for snap_id in {ids[-1], store.current(up.name)} - {None, target.id}:
+        published = store.read_manifest(up.name, snap_id).published  # type: ignore[arg-type]
+        if published is not None:
+            dates.append(published.date)
+    date = max(now.astimezone(UTC).replace(microsecond=0), *(_parse(d) + timedelta(seconds=1) for d in dates))
+    valid_until = date + timedelta(days=up.publish.valid_days)
+    files = dict(target.files)
+    written: dict[str, bytes] = {}
+    work = store.work_dir(up.name)  # in the data folder: adopt() renames from it
+    try:
+        with Signer(up.publish, now) as signer:
+            for suite in target.suites:
+                base = verify.suite_base(suite)
+                with store.open_object(target.files[base + "Release"]["sha256"]) as raw:
+                    text = raw.read()  # a Release this mirror wrote and verified
+                text = _DATE_LINE.sub(b"Date: " + verify.rfc_date(date).encode(), text, count=1)
+                text = _VALID_LINE.sub(b"Valid-Until: " + verify.rfc_date(valid_until).encode(), text, count=1)
+                inrelease, release_gpg = signer.clearsign(text), signer.detach(text)
+                _check_signed(up, suite, signer, inrelease, text, release_gpg, work, now)
+                for name, data in zip(SIGNED_NAMES, (inrelease, text, release_gpg), strict=True):
+                    written[base + name] = data
+                    files[base + name] = _record(data)
+            keys = [TrustedKey(k.fingerprint, k.uid, _iso(k.expires) if k.expires else None) for k in signer.keys]
+        for n, (path, data) in enumerate(sorted(written.items())):
+            tmp = work / f"file-{n}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            store.adopt(tmp, files[path]["sha256"], mtime=date.timestamp())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    own_by_hash = store.read_by_hash(up.name, target.id)
+    if own_by_hash is None:
+        own_by_hash = {p: target.files[p] for p in target.by_hash_own if p in target.files}
+    current_id = store.current(up.name)
+    current = store.read_manifest(up.name, current_id) if current_id else None
+    snap_id = new_snapshot_id(set(ids))
+    builder = store.new_snapshot(up.name, snap_id, target)
+    try:
+        for path, record in files.items():
+            builder.add(path, record["sha256"], pool=False if path in written else None)
+        # A client that read the InRelease of any retained snapshot finds its by-hash indices.
+        for path, record in retained_by_hash(store, up.name, current_id, current).items():
+            if path not in files:
+                files[path] = record
+                builder.add(path, record["sha256"], pool=False)
+        manifest = replace(
+            target,
+            id=snap_id,
+            created=_iso(datetime.now(UTC)),
+            files=files,
+            count=len(files),
+            bytes=sum(r["size"] for r in files.values()),
+            published=replace(target.published, date=_iso(date), valid_until=_iso(valid_until), keys=keys),
+        )
+        builder.commit(manifest, own_by_hash)
+    except BaseException:
+        builder.abort()
+        raise
+    return snap_id
+
+
+def older_view(store: FileStore, name: str, target: str, current: str | None) -> Manifest | None:
+    """`target`'s manifest if it is a view no newer than the one served (apt would ignore it)."""
+    if current is None or current == target:
+        return None
+    chosen = store.read_manifest(name, target)
+    served = store.read_manifest(name, current)
+    if chosen.published is None or served.published is None:
+        return None
+    return chosen if _parse(chosen.published.date) <= _parse(served.published.date) else None
+
+
+def _parse(when: str) -> datetime:
+    return datetime.fromisoformat(when.replace("Z", "+00:00"))

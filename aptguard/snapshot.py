@@ -6,6 +6,7 @@ pointers that say which one is served, under the upstream's lock.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from aptguard.config import NAME_RE
@@ -94,21 +95,30 @@ def _unmoved(store: FileStore, name: str, seen: str | None) -> str | None:
     return now
 
 
-def promote(store: FileStore, name: str, snap_id: str) -> str | None:
-    """Make a verified snapshot current and clear a hold; returns the snapshot it replaced."""
+# Under the lease, before a switch: the snapshot to make current instead of the one chosen
+# (a published view's re-signed copy, publish.resigned_copy), given (chosen, current).
+Resign = Callable[[str, str | None], str]
+
+
+def promote(store: FileStore, name: str, snap_id: str, resign: Resign | None = None) -> tuple[str | None, str]:
+    """Make a verified snapshot current and clear a hold; returns (the snapshot it replaced,
+    the one now current: `snap_id`, or its re-signed copy)."""
     seen = store.current(name)
     with store.lease(name, wait_message=f"{name}: waiting for another aptguard process to finish"):
         require_snapshot(store, name, snap_id)
         old = _unmoved(store, name, seen)
-        switch_current(store, name, store.read_state(name), snap_id, old, hold=False)
-        return old
+        new = resign(snap_id, old) if resign is not None else snap_id
+        switch_current(store, name, store.read_state(name), new, old, hold=False)
+        return old, new
 
 
 class Refused(Exception):
     """An operation the data folder's state does not allow (exit 1): nothing was changed."""
 
 
-def rollback(store: FileStore, name: str, to: str | None = None) -> tuple[str | None, str]:
+def rollback(
+    store: FileStore, name: str, to: str | None = None, resign: Resign | None = None
+) -> tuple[str | None, str]:
     """Make the previously current snapshot (or `to`) current again and hold the upstream.
 
     Later syncs verify and store but do not promote until `promote`. The replaced snapshot
@@ -130,6 +140,8 @@ def rollback(store: FileStore, name: str, to: str | None = None) -> tuple[str | 
                 f"{name}: the rollback target {target} is not a stored snapshot any more; "
                 f"pick one from `aptguard snapshots {name}` and run `aptguard rollback {name} --to ID`"
             )
+        if resign is not None:
+            target = resign(target, old)
         switch_current(store, name, state, target, old, hold=True)
         return old, target
 

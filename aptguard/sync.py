@@ -394,7 +394,7 @@ class _Sync:
         own_by_hash = {p: files.records[p] for p in sorted(files.by_hash)}
         # Guarantee 2: a client that read the InRelease of any retained snapshot just before a
         # promotion (or a rollback) finds its by-hash indices in the new tree too.
-        for path, record in _retained_by_hash(self.store, self.up.name, plan.current_id, plan.current).items():
+        for path, record in retained_by_hash(self.store, self.up.name, plan.current_id, plan.current).items():
             if path not in files.records:
                 files.add(path, record)
         manifest = Manifest.build(
@@ -893,7 +893,7 @@ class _Sync:
 # ---------------------------------------------------------------- helpers
 
 
-def _retained_by_hash(
+def retained_by_hash(
     store: FileStore, name: str, current_id: str | None, current: Manifest | None
 ) -> dict[str, FileRecord]:
     """path -> record of the own by-hash entries of every snapshot still stored (their objects are too)."""

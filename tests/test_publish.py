@@ -598,3 +598,47 @@ def test_an_on_demand_upstream_publishes_a_view_whose_pool_files_are_fetched_at_
         assert site.upstream.count("dists/*/pool/*") == 1
     finally:
         site.close()
+
+
+def _release_date(mirror: Mirror, prefix: str) -> dt.datetime:
+    text = mirror.get(f"{prefix}/dists/{SUITE}/Release")[1].decode()
+    line = next(ln for ln in text.splitlines() if ln.startswith("Date: "))
+    return dt.datetime.strptime(line[6:], "%a, %d %b %Y %H:%M:%S UTC").replace(tzinfo=dt.UTC)
+
+
+def test_a_rollback_reaches_hosts_that_already_updated_because_the_older_view_is_re_signed(
+    site: PublishSite, mirror_key: SigningKey, tmp_path: Path
+) -> None:
+    """apt ignores a Release older than the one it holds: a rollback to an older view served as
+    it was would not reach a host that updated since. A published view's rollback serves a copy
+    of it signed again, dated later; /snapshots/NAME/ID/ of the old one stays byte for byte."""
+    assert site.mirror.sync().returncode == 0
+    good = site.mirror.current("up")
+    site.mirror.start_server()
+    good_inrelease = site.mirror.get(f"/snapshots/up/{good}/{INRELEASE}")[1]
+    time.sleep(1.1)  # Release Dates are whole seconds
+    site.repo.add(SUITE, "stable", "amd64", "app", "3.0-1", pool="docker", keep_older=True, depends="libfoo")
+    site.publish_upstream()
+    assert site.mirror.sync().returncode == 0
+    bad = site.mirror.current("up")
+    client = site.client(tmp_path / "client", mirror_key.public_path)
+    assert client.update().ok and client.available("app") == "3.0-1"
+    assert _release_date(site.mirror, f"/snapshots/up/{good}") < _release_date(site.mirror, f"/snapshots/up/{bad}")
+    run = site.mirror.run("rollback", "up")
+    assert run.returncode == 0, run.output
+    now = site.mirror.current("up")
+    assert now not in (good, bad), run.output  # a copy of the good one
+    assert _release_date(site.mirror, "/up") > _release_date(site.mirror, f"/snapshots/up/{bad}")
+    assert site.mirror.get(f"/snapshots/up/{good}/{INRELEASE}")[1] == good_inrelease  # unchanged
+    assert site.mirror.get("/up/dists/stable/stable/binary-amd64/Packages.gz")[1] == site.mirror.get(
+        f"/snapshots/up/{good}/dists/stable/stable/binary-amd64/Packages.gz"
+    )[1]
+    update = client.update()
+    assert update.ok, update.output
+    assert client.available("app") == "2.0-1"  # the host that had updated follows the rollback
+    assert site.mirror.status()["upstreams"]["up"]["hold"] is True
+    # Rolling back the rollback re-signs the bad view in turn: the host follows again.
+    assert site.mirror.run("rollback", "up").returncode == 0
+    assert client.update().ok and client.available("app") == "3.0-1"
+    fsck = site.mirror.run("fsck")
+    assert fsck.returncode == 0, fsck.output
