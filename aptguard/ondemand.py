@@ -26,7 +26,7 @@ from aptguard.config import Config
 from aptguard.fetch import Fetcher
 from aptguard.reasons import Rejected, UsageError
 from aptguard.records import FileRecord, Manifest
-from aptguard.store import FileStore
+from aptguard.store import FileStore, process_alive
 from aptguard.verify import Expected
 
 if TYPE_CHECKING:  # imported where used: python-debian is not needed to serve
@@ -159,18 +159,8 @@ def discard_dead_work(tmp: Path) -> None:
     for entry in tmp.iterdir():
         if entry.name.startswith("serve+"):
             pid = entry.name.partition("+")[2]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not process_alive(int(pid)):
                 shutil.rmtree(entry, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 async def prefetch(

@@ -7,13 +7,14 @@ the sync ends as `publish-failed` and the served view stays the previous one.
 
 Each Signer imports the key files into a private GNUPGHOME of its own (a short folder under the
 system's temp dir: gpg-agent's socket path must stay under 108 bytes) and removes it, agent
-included, on close. Every Release is signed by every key at once (`gpg -u A -u B`), so clients
+included, on close; a home left by a killed process is removed by the next Signer. Every Release is signed by every key at once (`gpg -u A -u B`), so clients
 that trust any one of them verify it: that is how the mirror's key is rotated.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -23,9 +24,11 @@ from pathlib import Path
 
 from aptguard.config import Publish
 from aptguard.reasons import Rejected
+from aptguard.store import process_alive
 
 GPG = "gpg"
 GPG_SECONDS = 60  # one signature of a Release of a few MB; a hung agent must not hang a sync
+HOME_PREFIX = "aptguard-sign-"  # then the PID: a killed process's home is found and removed
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,8 @@ class Signer:
 
     def __init__(self, publish: Publish, now: datetime | None = None) -> None:
         self.publish = publish
-        self.home = Path(tempfile.mkdtemp(prefix="ag-sign-"))
+        _discard_dead_homes()
+        self.home = Path(tempfile.mkdtemp(prefix=f"{HOME_PREFIX}{os.getpid()}-"))
         try:
             self.keys = [self._import(path, now or datetime.now(UTC)) for path in publish.sign_with]
         except BaseException:
@@ -123,17 +127,32 @@ class Signer:
         return self._gpg("--armor", "--export", *(k.fingerprint for k in self.keys), what="exporting the public keys")
 
     def close(self) -> None:
-        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-            subprocess.run(
-                ["gpgconf", "--homedir", str(self.home), "--kill", "gpg-agent"],
-                capture_output=True,
-                check=False,
-                timeout=GPG_SECONDS,
-            )
-        shutil.rmtree(self.home, ignore_errors=True)
+        _remove_home(self.home)
 
     def __enter__(self) -> Signer:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _remove_home(home: Path) -> None:
+    """Stop the home's gpg-agent and delete the home (with the secret keys imported into it)."""
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        subprocess.run(
+            ["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"],
+            capture_output=True,
+            check=False,
+            timeout=GPG_SECONDS,
+        )
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def _discard_dead_homes() -> None:
+    """The homes of aptguard processes killed while signing (kill -9 runs no close()): their
+    agents stopped and the secret keys they hold deleted."""
+    with contextlib.suppress(OSError):
+        for entry in Path(tempfile.gettempdir()).iterdir():
+            pid = entry.name.removeprefix(HOME_PREFIX).partition("-")[0]
+            if entry.name.startswith(HOME_PREFIX) and pid.isdigit() and not process_alive(int(pid)):
+                _remove_home(entry)

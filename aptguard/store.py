@@ -1037,6 +1037,17 @@ def open_store(config: Config) -> FileStore:
     return FileStore(config.data_dir)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process of that id runs (a work folder named after a dead one is a leftover)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def new_snapshot_id(existing: set[str], now: float | None = None) -> str:
     """The UTC time of the sync, YYYYMMDDTHHMMSSZ, with a suffix if that second is taken."""
     base = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -630,9 +632,10 @@ def test_a_rollback_reaches_hosts_that_already_updated_because_the_older_view_is
     assert now not in (good, bad), run.output  # a copy of the good one
     assert _release_date(site.mirror, "/up") > _release_date(site.mirror, f"/snapshots/up/{bad}")
     assert site.mirror.get(f"/snapshots/up/{good}/{INRELEASE}")[1] == good_inrelease  # unchanged
-    assert site.mirror.get("/up/dists/stable/stable/binary-amd64/Packages.gz")[1] == site.mirror.get(
-        f"/snapshots/up/{good}/dists/stable/stable/binary-amd64/Packages.gz"
-    )[1]
+    assert (
+        site.mirror.get("/up/dists/stable/stable/binary-amd64/Packages.gz")[1]
+        == site.mirror.get(f"/snapshots/up/{good}/dists/stable/stable/binary-amd64/Packages.gz")[1]
+    )
     update = client.update()
     assert update.ok, update.output
     assert client.available("app") == "2.0-1"  # the host that had updated follows the rollback
@@ -642,3 +645,27 @@ def test_a_rollback_reaches_hosts_that_already_updated_because_the_older_view_is
     assert client.update().ok and client.available("app") == "3.0-1"
     fsck = site.mirror.run("fsck")
     assert fsck.returncode == 0, fsck.output
+
+
+def test_a_signing_home_left_by_a_killed_process_is_removed_by_the_next_signer(
+    tmp_path: Path, mirror_key: SigningKey
+) -> None:
+    """kill -9 runs no cleanup: the secret keys imported into a signer's home must not stay there."""
+    import tempfile
+
+    from aptguard.config import Publish
+    from aptguard.signer import HOME_PREFIX, Signer
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = Path(tempfile.mkdtemp(prefix=f"{HOME_PREFIX}{dead.pid}-"))
+    (left / "private-keys-v1.d").mkdir()
+    (left / "private-keys-v1.d" / "key").write_text("secret")
+    mine = Path(tempfile.mkdtemp(prefix=f"{HOME_PREFIX}{os.getpid()}-"))  # a live process's: kept
+    try:
+        with Signer(Publish(sign_with=(mirror_key.secret_file(tmp_path / "m.key"),))) as signer:
+            assert signer.home.is_dir()
+        assert not left.exists() and mine.is_dir() and not signer.home.exists()
+    finally:
+        shutil.rmtree(mine, ignore_errors=True)
+        shutil.rmtree(left, ignore_errors=True)
