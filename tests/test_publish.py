@@ -8,7 +8,9 @@ gpgv, and real apt-get clients that trust only the mirror's key.
 from __future__ import annotations
 
 import datetime as dt
+import gzip
 import json
+import lzma
 import os
 import shutil
 import subprocess
@@ -157,7 +159,7 @@ def test_apt_trusting_only_the_mirror_key_installs_a_filtered_package_with_what_
     assert _gpgv(site.keyring, signature, release, tmp_path / "b").returncode != 0
     # The filter: app (both versions), the first satisfiable alternative at its newest satisfying
     # version, the provider of a virtual package, the Pre-Depends; nothing else.
-    view = packages_of(__import__("gzip").decompress(site.served_index()))
+    view = packages_of(gzip.decompress(site.served_index()))
     assert view == {
         ("app", "1.0-1"),
         ("app", "2.0-1"),
@@ -226,7 +228,7 @@ def test_keep_versions_keeps_the_newest_of_each_package(
     try:
         assert site.mirror.sync().returncode == 0
         site.mirror.start_server()
-        view = packages_of(__import__("gzip").decompress(site.served_index()))
+        view = packages_of(gzip.decompress(site.served_index()))
         assert ("app", "2.0-1") in view and ("app", "1.0-1") not in view
         assert ("libfoo", "2.0-1") in view and ("libfoo", "1.0-1") not in view
         assert ("extra", "1.0-1") in view and ("libalt", "1.0-1") in view  # no filter: every package
@@ -464,7 +466,7 @@ def test_dependencies_another_upstream_satisfies_are_resolved_with_it_and_not_co
         run = site.mirror.sync()
         assert run.returncode == 0, run.output
         site.mirror.start_server()
-        view = packages_of(__import__("gzip").decompress(site.served_index()))
+        view = packages_of(gzip.decompress(site.served_index()))
         assert {p for p, _ in view} == {"engine", "app", "libfoo", "httpd", "base-files"}, view
         client = AptClient(tmp_path / "client")
         client.set_sources(
@@ -523,12 +525,10 @@ def test_a_debian_shaped_upstream_publishes_every_component_and_architecture_wit
         assert "binary-all" not in release and "No-Support-for-Architecture-all: Packages" in release
         assert "Architectures: amd64 arm64" in release and "Components: main contrib" in release
         for arch in ("amd64", "arm64"):
-            main = packages_of(
-                __import__("lzma").decompress(mirror.get(f"/up/dists/bookworm/main/binary-{arch}/Packages.xz")[1])
-            )
+            main = packages_of(lzma.decompress(mirror.get(f"/up/dists/bookworm/main/binary-{arch}/Packages.xz")[1]))
             assert main == {("tool", "1.0-1"), ("tool-data", "1.0-1")}, (arch, main)
             contrib = mirror.get(f"/up/dists/bookworm/contrib/binary-{arch}/Packages.gz")
-            assert contrib[0] == 200 and packages_of(__import__("gzip").decompress(contrib[1])) == set()
+            assert contrib[0] == 200 and packages_of(gzip.decompress(contrib[1])) == set()
             client = AptClient(tmp_path / f"client-{arch}", arch=arch)
             client.set_sources(
                 [client.source_line(f"{mirror.url}/up", "bookworm", ["main", "contrib"], mirror_key.public_path)]
@@ -669,3 +669,24 @@ def test_a_signing_home_left_by_a_killed_process_is_removed_by_the_next_signer(
     finally:
         shutil.rmtree(mine, ignore_errors=True)
         shutil.rmtree(left, ignore_errors=True)
+
+
+def test_turning_publish_off_serves_the_upstream_as_it_signed_it_again(site: PublishSite, tmp_path: Path) -> None:
+    assert site.mirror.sync().returncode == 0
+    site.mirror.start_server()
+    assert site.mirror.get(f"/up/{INRELEASE}")[1] != (site.repo.root / INRELEASE).read_bytes()
+    del site.mirror.upstreams["up"]["publish"]
+    site.mirror.write_config()
+    run = site.mirror.sync()
+    assert run.returncode == 0 and site.mirror.last_sync("up")["outcome"] == "promoted", run.output
+    assert site.mirror.get(f"/up/{INRELEASE}")[1] == (site.repo.root / INRELEASE).read_bytes()
+    extra = site.repo.deb_path(SUITE, "stable", "amd64", "extra")
+    assert site.mirror.get(f"/up/{extra.relative_to(site.repo.root).as_posix()}")[1] == extra.read_bytes()
+    client = site.client(tmp_path / "client", site.keyring)  # the upstream's key again
+    assert client.update().ok and client.available("extra") == "1.0-1"
+    assert site.mirror.run("fsck").returncode == 0
+    site.configure()  # and on again: the unchanged upstream gets its view back
+    run = site.mirror.sync()
+    assert run.returncode == 0 and "publish is configured" in run.output, run.output
+    assert site.mirror.get(f"/up/{INRELEASE}")[1] != (site.repo.root / INRELEASE).read_bytes()
+    assert ("extra", "1.0-1") not in packages_of(gzip.decompress(site.served_index()))
