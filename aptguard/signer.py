@@ -90,7 +90,10 @@ class Signer:
         uid = next((r[9] for r in records if r[0] == "uid"), "")
         # The key as this home now knows it, with gpg's own verdict on validity and capabilities.
         mine = [
-            ln.split(":") for ln in self._gpg("--list-secret-keys", fingerprint, what=str(path)).decode().splitlines()
+            ln.split(":")
+            for ln in self._gpg("--list-secret-keys", fingerprint, what=str(path))
+            .decode("utf-8", "replace")
+            .splitlines()
         ]
         primary = next(r for r in mine if r[0] == "sec")
         expires = datetime.fromtimestamp(int(primary[6]), UTC) if primary[6] else None
