@@ -608,12 +608,23 @@ def _release_date(mirror: Mirror, prefix: str) -> dt.datetime:
     return dt.datetime.strptime(line[6:], "%a, %d %b %Y %H:%M:%S UTC").replace(tzinfo=dt.UTC)
 
 
+@pytest.mark.parametrize("backend", ["local", "s3"])
 def test_a_rollback_reaches_hosts_that_already_updated_because_the_older_view_is_re_signed(
-    site: PublishSite, mirror_key: SigningKey, tmp_path: Path
+    tmp_path: Path, keys, mirror_key: SigningKey, deb_cache: Path, backend: str, request: pytest.FixtureRequest
 ) -> None:
     """apt ignores a Release older than the one it holds: a rollback to an older view served as
     it was would not reach a host that updated since. A published view's rollback serves a copy
     of it signed again, dated later; /snapshots/NAME/ID/ of the old one stays byte for byte."""
+    top: dict[str, Any] = {}
+    if backend == "s3":
+        moto: MotoServer = request.getfixturevalue("moto")
+        top = {
+            "storage": {"backend": "s3", "endpoint": moto.endpoint, "bucket": moto.new_bucket(), "prefix": "m/"},
+            "server": {"refresh_seconds": 0.2},
+        }
+    site = PublishSite(tmp_path, keys("upstream-a"), [mirror_key], deb_cache, top=top, packages=["app"])
+    request.addfinalizer(site.close)
+    settle = 1.0 if backend == "s3" else 0.0  # a server of the bucket sees a new current within refresh_seconds
     assert site.mirror.sync().returncode == 0
     good = site.mirror.current("up")
     site.mirror.start_server()
@@ -623,11 +634,13 @@ def test_a_rollback_reaches_hosts_that_already_updated_because_the_older_view_is
     site.publish_upstream()
     assert site.mirror.sync().returncode == 0
     bad = site.mirror.current("up")
+    time.sleep(settle)
     client = site.client(tmp_path / "client", mirror_key.public_path)
     assert client.update().ok and client.available("app") == "3.0-1"
     assert _release_date(site.mirror, f"/snapshots/up/{good}") < _release_date(site.mirror, f"/snapshots/up/{bad}")
     run = site.mirror.run("rollback", "up")
     assert run.returncode == 0, run.output
+    time.sleep(settle)
     now = site.mirror.current("up")
     assert now not in (good, bad), run.output  # a copy of the good one
     assert _release_date(site.mirror, "/up") > _release_date(site.mirror, f"/snapshots/up/{bad}")
@@ -642,6 +655,7 @@ def test_a_rollback_reaches_hosts_that_already_updated_because_the_older_view_is
     assert site.mirror.status()["upstreams"]["up"]["hold"] is True
     # Rolling back the rollback re-signs the bad view in turn: the host follows again.
     assert site.mirror.run("rollback", "up").returncode == 0
+    time.sleep(settle)
     assert client.update().ok and client.available("app") == "3.0-1"
     fsck = site.mirror.run("fsck")
     assert fsck.returncode == 0, fsck.output
