@@ -43,7 +43,7 @@ from aptguard import resolve, verify
 from aptguard.config import UpstreamConfig
 from aptguard.keyring import Keyring
 from aptguard.reasons import Rejected
-from aptguard.records import FileRecord, Listing, Manifest, Published, TrustedKey, file_record
+from aptguard.records import FileRecord, Listing, Manifest, Published, TrustedKey, file_record, iso
 from aptguard.signer import Signer
 from aptguard.store import FileStore
 
@@ -75,7 +75,7 @@ def needs_refresh(published: Published, up: UpstreamConfig, now: datetime) -> st
     assert up.publish is not None
     if published.config != settings_digest(up):
         return "publish settings changed"
-    left = datetime.fromisoformat(published.valid_until.replace("Z", "+00:00")) - now
+    left = datetime.fromisoformat(published.valid_until) - now
     if left < timedelta(days=up.publish.valid_days / 2):
         return f"Valid-Until in {left.total_seconds() / 86400:.1f} days (less than half of valid_days)"
     return None
@@ -165,8 +165,7 @@ def make_view(
     assert up.publish is not None
     date = now.astimezone(UTC).replace(microsecond=0)
     if previous is not None:
-        before = datetime.fromisoformat(previous.date.replace("Z", "+00:00"))
-        date = max(date, before + timedelta(seconds=1))
+        date = max(date, datetime.fromisoformat(previous.date) + timedelta(seconds=1))
     valid_until = date + timedelta(days=up.publish.valid_days)
     files: dict[str, tuple[bytes | None, FileRecord]] = {}
     by_hash: dict[str, FileRecord] = {}
@@ -225,9 +224,9 @@ def make_view(
         where = f"suites {', '.join(up.suites)}, architectures {', '.join(up.architectures)}"
         raise Rejected("publish-failed", f"packages: {', '.join(absent)} in no index of the upstream ({where})")
     published = Published(
-        date=_iso(date),
-        valid_until=_iso(valid_until),
-        keys=[TrustedKey(k.fingerprint, k.uid, _iso(k.expires) if k.expires else None) for k in signer.keys],
+        date=iso(date),
+        valid_until=iso(valid_until),
+        keys=[TrustedKey(k.fingerprint, k.uid, iso(k.expires) if k.expires else None) for k in signer.keys],
         config=settings_digest(up),
         packages=stanzas,
     )
@@ -388,10 +387,6 @@ def _gz(data: bytes) -> bytes:
     return gzip.compress(data, compresslevel=6, mtime=0)
 
 
-def _iso(when: datetime) -> str:
-    return when.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
 # ---------------------------------------------------------------- re-signing on rollback
 
 _DATE_LINE = re.compile(rb"^Date: [^\n]*$", re.MULTILINE)
@@ -413,7 +408,9 @@ def resigned_copy(store: FileStore, up: UpstreamConfig, target: Manifest, now: d
         published = store.read_manifest(up.name, snap_id).published  # type: ignore[arg-type]
         if published is not None:
             dates.append(published.date)
-    date = max(now.astimezone(UTC).replace(microsecond=0), *(_parse(d) + timedelta(seconds=1) for d in dates))
+    date = max(
+        now.astimezone(UTC).replace(microsecond=0), *(datetime.fromisoformat(d) + timedelta(seconds=1) for d in dates)
+    )
     valid_until = date + timedelta(days=up.publish.valid_days)
     files = dict(target.files)
     written: dict[str, bytes] = {}
@@ -431,7 +428,7 @@ def resigned_copy(store: FileStore, up: UpstreamConfig, target: Manifest, now: d
                 for name, data in zip(SIGNED_NAMES, (inrelease, text, release_gpg), strict=True):
                     written[base + name] = data
                     files[base + name] = _record(data)
-            keys = [TrustedKey(k.fingerprint, k.uid, _iso(k.expires) if k.expires else None) for k in signer.keys]
+            keys = [TrustedKey(k.fingerprint, k.uid, iso(k.expires) if k.expires else None) for k in signer.keys]
         for n, (path, data) in enumerate(sorted(written.items())):
             tmp = work / f"file-{n}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
@@ -458,11 +455,11 @@ def resigned_copy(store: FileStore, up: UpstreamConfig, target: Manifest, now: d
         manifest = replace(
             target,
             id=snap_id,
-            created=_iso(datetime.now(UTC)),
+            created=iso(datetime.now(UTC)),
             files=files,
             count=len(files),
             bytes=sum(r["size"] for r in files.values()),
-            published=replace(target.published, date=_iso(date), valid_until=_iso(valid_until), keys=keys),
+            published=replace(target.published, date=iso(date), valid_until=iso(valid_until), keys=keys),
         )
         builder.commit(manifest, own_by_hash)
     except BaseException:
@@ -479,8 +476,8 @@ def older_view(store: FileStore, name: str, target: str, current: str | None) ->
     served = store.read_manifest(name, current)
     if chosen.published is None or served.published is None:
         return None
-    return chosen if _parse(chosen.published.date) <= _parse(served.published.date) else None
-
-
-def _parse(when: str) -> datetime:
-    return datetime.fromisoformat(when.replace("Z", "+00:00"))
+    return (
+        chosen
+        if datetime.fromisoformat(chosen.published.date) <= datetime.fromisoformat(served.published.date)
+        else None
+    )

@@ -21,6 +21,7 @@ files (11.7 MB) parses in about 85 ms, and building a dataclass per file would a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, NotRequired, TypedDict
 
 
@@ -39,6 +40,11 @@ class FileRecord(TypedDict):
 
 
 Listing = dict[str, dict[str, dict[str, str]]]  # suite -> "main/amd64" -> package -> version
+
+
+def iso(when: datetime) -> str:
+    """A time as the records write it: ISO 8601 in UTC with a "Z" (datetime.fromisoformat reads it back)."""
+    return when.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def file_record(size: int, hashes: dict[str, str]) -> FileRecord:

@@ -27,7 +27,7 @@ from aptguard.fetch import Download, Fetcher, preload
 from aptguard.keyring import Keyring
 from aptguard.progress import Progress
 from aptguard.reasons import Rejected
-from aptguard.records import FileRecord, LastSync, Manifest, SuiteRecord, TrustedKey, UpstreamState, file_record
+from aptguard.records import FileRecord, LastSync, Manifest, SuiteRecord, TrustedKey, UpstreamState, file_record, iso
 from aptguard.signer import Signer
 from aptguard.snapshot import switch_current
 from aptguard.store import FileStore, SnapshotBuilder, new_snapshot_id, storage_error
@@ -290,7 +290,7 @@ class _Sync:
         # only the pool files its filter chose: with publish turned off, everything is made anew.
         base = plan.newest if plan.newest is None or plan.newest.published is None or up.publish else None
         keys = [
-            TrustedKey(fingerprint=k.fingerprint, uid=k.uid, expires=_iso(k.expires) if k.expires else None)
+            TrustedKey(fingerprint=k.fingerprint, uid=k.uid, expires=iso(k.expires) if k.expires else None)
             for k in self.keyring.keys
         ]
         now = datetime.now(UTC)
@@ -401,7 +401,7 @@ class _Sync:
             id=snap_id,
             upstream=self.up.name,
             url=self.up.url,
-            created=_iso(datetime.now(UTC)),
+            created=iso(datetime.now(UTC)),
             suites=suite_meta,
             files=files.records,
             by_hash_own=sorted(own_by_hash),
@@ -974,7 +974,3 @@ async def _run_bounded(items: Iterable[Any], job: Callable[[Any], Awaitable[None
             await job(item)
 
     await _gather(worker() for _ in range(workers))
-
-
-def _iso(when: datetime) -> str:
-    return when.astimezone(UTC).isoformat().replace("+00:00", "Z")

@@ -24,7 +24,7 @@ from aptguard import clearsign, tagfile
 from aptguard.config import UpstreamConfig
 from aptguard.keyring import Keyring
 from aptguard.reasons import Rejected
-from aptguard.records import SuiteRecord
+from aptguard.records import SuiteRecord, iso
 
 # apt's own allowance for a Release Date ahead of the local clock (Acquire::Max-FutureTime).
 MAX_FUTURE = timedelta(seconds=10)
@@ -90,8 +90,8 @@ class TrustedRelease:
 
     def summary(self) -> dict[str, object]:
         return {
-            "date": _iso(self.date),
-            "valid_until": _iso(self.valid_until) if self.valid_until else None,
+            "date": iso(self.date),
+            "valid_until": iso(self.valid_until) if self.valid_until else None,
             "origin": self.origin,
             "label": self.label,
             "codename": self.codename,
@@ -1026,7 +1026,3 @@ def suite_base(suite: str) -> str:
 
 def rfc_date(when: datetime) -> str:
     return when.astimezone(UTC).strftime("%a, %d %b %Y %H:%M:%S UTC")
-
-
-def _iso(when: datetime) -> str:
-    return when.astimezone(UTC).isoformat().replace("+00:00", "Z")
