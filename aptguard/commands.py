@@ -355,6 +355,7 @@ def prefetch(
     import asyncio
 
     from aptguard.ondemand import prefetch as fetch_now
+    from aptguard.reasons import Rejected
 
     config, store = _load(ctx)
     up = _upstream(config, name)
@@ -362,9 +363,12 @@ def prefetch(
         _fail(f'{config.path}: upstreams.{name}.policy is "{up.policy}": its snapshots hold every pool file already')
     snap_id = _snapshot_ref(store, name, snapshot)
     store.ensure()
-    report = asyncio.run(
-        fetch_now(config, store, (name, snap_id), packages or [], log=lambda m: None if as_json else typer.echo(m))
-    )
+    try:
+        report = asyncio.run(
+            fetch_now(config, store, (name, snap_id), packages or [], log=lambda m: None if as_json else typer.echo(m))
+        )
+    except Rejected as exc:  # a stored index this snapshot lists no longer reads (too large, damaged)
+        _fail(f"{name}: snapshot {snap_id}: {exc.reason}: {exc.detail}", 1)
     if as_json:
         _print_json(report)
     else:

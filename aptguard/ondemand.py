@@ -16,21 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import shutil
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from aptguard.config import Config
+from aptguard.config import Config, Limits
 from aptguard.fetch import Fetcher
 from aptguard.reasons import Rejected, UsageError
 from aptguard.records import FileRecord, Manifest
 from aptguard.store import FileStore, process_alive
 from aptguard.verify import Expected
-
-if TYPE_CHECKING:  # imported where used: python-debian is not needed to serve
-    from aptguard.resolve import Candidate
 
 MANIFESTS = 4  # parsed manifests of on-demand snapshots kept (immutable)
 
@@ -169,7 +165,9 @@ async def prefetch(
     """Fetch and verify now the listed files of a snapshot: all, or those of `packages` and what
     they depend on (for a CI image that must outlive the upstream's old versions)."""
     manifest = store.read_manifest(*snapshot)
-    wanted = set(manifest.listed) if not packages else _closure(store, manifest, packages)
+    wanted = (
+        set(manifest.listed) if not packages else _closure(store, manifest, packages, config.limits.max_index_bytes)
+    )
     todo = {path: record for path, record in manifest.listed.items() if path in wanted}
     held = store.held(record["sha256"] for record in todo.values())
     missing = {path: record for path, record in todo.items() if record["sha256"] not in held}
@@ -209,38 +207,26 @@ async def prefetch(
 _WHY = {404: "gone upstream (404)", 502: "failed verification (not stored)", 504: "upstream unreachable"}
 
 
-def _closure(store: FileStore, manifest: Manifest, packages: list[str]) -> set[str]:
+def _closure(
+    store: FileStore, manifest: Manifest, packages: list[str], max_index_bytes: int = Limits().max_index_bytes
+) -> set[str]:
     """The pool paths of `packages` (every version) and of what they need to install, chosen
     per architecture as apt would choose (aptguard.resolve: Depends, Pre-Depends, alternatives
-    in order, versions, Provides), read from the snapshot's own Packages indices; what this
-    upstream cannot satisfy is left to the clients' other sources. A flat repository's indices
-    are one architecture; `binary-all` indices belong to every other."""
-    from aptguard import tagfile
+    in order, versions, Provides), read from the snapshot's own Packages indices as a published
+    view's filter reads them (publish.index_candidates); what this upstream cannot satisfy is
+    left to the clients' other sources. `binary-all` indices belong to every other architecture."""
+    from aptguard.publish import index_candidates
     from aptguard.resolve import parse_root, select
-    from aptguard.verify import _decompressed, compression
 
     for root in packages:
         problem = parse_root(root)
         if problem is not None:
             raise UsageError(f"prefetch: {problem}")
-    indices: dict[str, str] = {}  # index without its extension -> the cheapest variant's path
-    for path in manifest.files:
-        if "/by-hash/" in path or not path.rsplit("/", 1)[-1].startswith("Packages"):
-            continue
-        base = path[: len(path) - len(compression(path))]
-        if base not in indices or len(compression(path)) < len(compression(indices[base])):
-            indices[base] = path
-    by_arch: dict[str, list[Candidate]] = {}
-    for path in sorted(indices.values()):
-        arch = _ARCH.search(path)
-        group = by_arch.setdefault(arch.group(1) if arch else "", [])
-        with store.open_object(manifest.files[path]["sha256"]) as raw:
-            data = _decompressed(compression(path), raw).read()
-        group.extend(_candidate(tagfile.fields(stanza)) for stanza in tagfile.stanzas(data))
+    by_arch = index_candidates(manifest, store.open_object, max_index_bytes)
     shared = by_arch.pop("all", []) if len(by_arch) > 1 else []
     paths: set[str] = set()
     found: set[str] = set()
-    for _arch, candidates in sorted(by_arch.items()):
+    for candidates in by_arch.values():
         # A dependency this upstream cannot satisfy comes from another source of the clients
         # (Docker's packages need Debian's libc6): not this upstream's to fetch.
         selection = select(candidates + shared, packages, strict=False)
@@ -250,23 +236,3 @@ def _closure(store: FileStore, manifest: Manifest, packages: list[str]) -> set[s
     if unknown:
         raise UsageError(f"{manifest.upstream} snapshot {manifest.id} lists no package {', '.join(unknown)}")
     return paths
-
-
-_ARCH = re.compile(r"(?:^|/)binary-([^/]+)/")  # the architecture of an index, from its path
-
-
-def _candidate(fields: dict[bytes, bytes]) -> Candidate:
-    """One Packages stanza as the resolver reads it; its key is the pool path."""
-    from aptguard.resolve import Candidate
-
-    def text(name: bytes) -> str:
-        return fields.get(name, b"").decode("utf-8", "replace").strip()
-
-    return Candidate(
-        text(b"package"),
-        text(b"version"),
-        text(b"depends"),
-        text(b"pre-depends"),
-        text(b"provides"),
-        key=text(b"filename"),
-    )

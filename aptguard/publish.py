@@ -115,30 +115,30 @@ class _Stanza:
     entry: verify.PoolFile | None = None
 
 
-Elsewhere = dict[str, list[resolve.Candidate]]  # architecture -> packages another upstream offers
+Candidates = dict[str, list[resolve.Candidate]]  # architecture ("all"; "*": a flat index) -> its packages
 
 
-def elsewhere(manifests: list[Manifest], open_object: Callable[[str], BinaryIO], max_index_bytes: int) -> Elsewhere:
-    """The packages of other upstreams' current snapshots (`resolve_with`), per architecture:
-    they satisfy dependencies (clients have those upstreams in their sources too, as apt
-    resolves across all its sources) but are not part of the view."""
-    found: Elsewhere = {}
-    for manifest in manifests:
-        records = manifest.files  # what that upstream's clients are served (its view, if it has one)
-        cheapest: dict[str, str] = {}  # index without its compression -> the cheapest variant's path
-        for path in records:
-            name = path.rsplit("/", 1)[-1]
-            if "/by-hash/" in path or not (name == "Packages" or name.startswith("Packages.")):
-                continue
-            stem = path[: len(path) - len(verify.compression(path))]
-            if stem not in cheapest or _cost(path) < _cost(cheapest[stem]):
-                cheapest[stem] = path
-        for stem, path in sorted(cheapest.items()):
-            folder = stem.rsplit("/", 2)[-2] if stem.count("/") >= 1 else ""
-            arch = folder.removeprefix("binary-") if folder.startswith("binary-") else "*"
-            with open_object(records[path]["sha256"]) as raw:
-                for stanza, plain in verify.index_stanzas(path, raw, max_index_bytes):
-                    found.setdefault(arch, []).append(_candidate(stanza, plain, None))
+def index_candidates(manifest: Manifest, open_object: Callable[[str], BinaryIO], max_index_bytes: int) -> Candidates:
+    """The packages a snapshot serves, per architecture, as the resolver reads them (key: the
+    Filename): of each Packages index the cheapest variant, read as a sync reads it and never
+    decompressed past `max_index_bytes`. For `resolve_with` (packages of other upstreams satisfy
+    dependencies but are not part of the view, as apt resolves across all its sources) and
+    for `prefetch`."""
+    found: Candidates = {}
+    cheapest: dict[str, str] = {}  # index without its compression -> the cheapest variant's path
+    for path in manifest.files:
+        name = path.rsplit("/", 1)[-1]
+        if "/by-hash/" in path or not (name == "Packages" or name.startswith("Packages.")):
+            continue
+        stem = path[: len(path) - len(verify.compression(path))]
+        if stem not in cheapest or _cost(path) < _cost(cheapest[stem]):
+            cheapest[stem] = path
+    for stem, path in sorted(cheapest.items()):
+        folder = stem.rsplit("/", 2)[-2] if "/" in stem else ""
+        arch = folder.removeprefix("binary-") if folder.startswith("binary-") else "*"
+        with open_object(manifest.files[path]["sha256"]) as raw:
+            for stanza, plain in verify.index_stanzas(path, raw, max_index_bytes):
+                found.setdefault(arch, []).append(_candidate(stanza, plain, None))
     return found
 
 
@@ -156,7 +156,7 @@ def make_view(
     work: Path,
     now: datetime,
     max_index_bytes: int,
-    others: Elsewhere | None = None,
+    others: Candidates | None = None,
     memo: verify.ParseMemo | None = None,
 ) -> View:
     """The published view of these verified suites (`records`: every upstream file the sync
@@ -272,7 +272,7 @@ def _read_suite(
 
 
 def _select(
-    up: UpstreamConfig, release: verify.TrustedRelease, indices: list[_Index], others: Elsewhere
+    up: UpstreamConfig, release: verify.TrustedRelease, indices: list[_Index], others: Candidates
 ) -> dict[str, int]:
     """Narrow each index to what the view holds, resolving per architecture across components
     (and the packages of `resolve_with` upstreams, which satisfy but are not held); root -> how
@@ -295,7 +295,7 @@ def _select(
             except resolve.Unsatisfiable as exc:
                 where = "the upstream" + "".join(f", {o}" for o in up.publish.resolve_with)
                 raise Rejected("publish-failed", f"{release.base}{arch}: {exc} within {where}") from None
-            chosen = [c for c in selection.chosen if c.key is not None]
+            chosen = [c for c in selection.chosen if isinstance(c.key, tuple)]  # this upstream's, not `outside`
             names = {c.package for c in candidates}
             for root in found:
                 if root not in selection.missing_roots and root.split("(")[0].strip() in names:
@@ -309,9 +309,10 @@ def _select(
 
 
 def _candidate(stanza: bytes, plain: bool, key: tuple[int, int] | None) -> resolve.Candidate:
-    """A stanza as the resolver sees it, its fields read by apt's rules."""
-    package, version, depends, pre_depends, provides = verify.relation_fields(stanza, plain)
-    return resolve.Candidate(package, version, depends, pre_depends, provides, key=key)
+    """A stanza as the resolver sees it, its fields read by apt's rules; `key`: its place in the
+    view's indices, or None for its Filename."""
+    package, version, depends, pre_depends, provides, filename = verify.relation_fields(stanza, plain)
+    return resolve.Candidate(package, version, depends, pre_depends, provides, key=key or filename)
 
 
 def _release_text(

@@ -429,15 +429,17 @@ class _Sync:
         source = {p: r for p, r in upstream.records.items() if p in named or p in upstream.by_hash}
         work = self.work / "publish"
         work.mkdir(exist_ok=True)
-        others = None
+        others: publish.Candidates = {}
         if self.up.publish.packages and self.up.publish.resolve_with:
-            manifests = []
             for other in self.up.publish.resolve_with:
                 current = self.store.current(other)
                 if current is None:
                     raise Rejected("publish-failed", f"resolve_with: {other} has no current snapshot; sync it first")
-                manifests.append(self.store.read_manifest(other, current))
-            others = publish.elsewhere(manifests, self.store.open_object, self.limits.max_index_bytes)
+                manifest = self.store.read_manifest(other, current)
+                for arch, found in publish.index_candidates(
+                    manifest, self.store.open_object, self.limits.max_index_bytes
+                ).items():
+                    others.setdefault(arch, []).extend(found)
         with Signer(self.up.publish, now) as signer:
             view = publish.make_view(
                 self.up,

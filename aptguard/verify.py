@@ -975,14 +975,15 @@ def package_entry(stanza: bytes, n: int, where: str, plain: bool, memo: ParseMem
 
 
 _RELATION_FIELD = re.compile(
-    rb"\n(package|version|depends|pre-depends|provides)[ \t]*:[ \t]*([^\n]*(?:\n[ \t][^\n]*)*)", re.IGNORECASE
+    rb"\n(package|version|depends|pre-depends|provides|filename)[ \t]*:[ \t]*([^\n]*(?:\n[ \t][^\n]*)*)",
+    re.IGNORECASE,
 )
-_RELATIONS = (b"package", b"version", b"depends", b"pre-depends", b"provides")
+_RELATIONS = (b"package", b"version", b"depends", b"pre-depends", b"provides", b"filename")
 
 
 def relation_fields(stanza: bytes, plain: bool) -> tuple[str, ...]:
-    """Package, Version, Depends, Pre-Depends and Provides of a Packages stanza by apt's rules
-    ("" where absent): one search over its bytes where `plain` (index_stanzas) says nothing in it
+    """Package, Version, Depends, Pre-Depends, Provides and Filename of a Packages stanza by
+    apt's rules ("" where absent): one search over its bytes where `plain` (index_stanzas) says nothing in it
     could read otherwise, else tagfile.fields."""
     found: dict[bytes, bytes] = {}
     if plain:

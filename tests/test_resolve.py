@@ -39,7 +39,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aptguard.ondemand import _closure
-from aptguard.reasons import UsageError
+from aptguard.reasons import Rejected, UsageError
 from aptguard.resolve import (
     Candidate,
     Selection,
@@ -623,6 +623,15 @@ def test_prefetch_resolves_each_architecture_on_its_own_with_binary_all_in_each(
         "pool/libc-old_arm64.deb",
         "pool/data_all.deb",
     }
+
+
+def test_prefetch_reads_a_stored_index_only_up_to_max_index_bytes() -> None:
+    """A signed index can still be a bomb: prefetch reads it as a sync does, within the limit."""
+    store, manifest = _snapshot_of({"Packages": [C("app", "1", key="app.deb"), C("lib", "1", key="lib.deb")]})
+    assert _closure(store, manifest, ["app"], 10_000) == {"app.deb"}  # type: ignore[arg-type]
+    with pytest.raises(Rejected) as caught:
+        _closure(store, manifest, ["app"], 40)  # type: ignore[arg-type]
+    assert caught.value.reason == "too-large" and "Packages" in caught.value.detail
 
 
 def test_prefetch_of_a_flat_repository_and_its_errors() -> None:
