@@ -323,7 +323,10 @@ def _release_text(
     files: dict[str, FileRecord],
 ) -> bytes:
     flat = release.suite.endswith("/")
-    lines = [f"{name.capitalize()}: {release.fields[name]}" for name in RELEASE_FIELDS if release.fields.get(name)]
+    # The upstream chooses these values (signed, but its words): only their first line is carried,
+    # so nothing it wrote can stand as a line of the mirror's Release.
+    carried = {name: release.fields.get(name, "").split("\n", 1)[0].strip() for name in RELEASE_FIELDS}
+    lines = [f"{name.capitalize()}: {value}" for name, value in carried.items() if value]
     lines += [f"Date: {verify.rfc_date(date)}", f"Valid-Until: {verify.rfc_date(valid_until)}"]
     lines.append(f"Architectures: {' '.join(up.architectures)}")
     if not flat:

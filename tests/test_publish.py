@@ -715,3 +715,21 @@ def test_turning_publish_off_serves_the_upstream_as_it_signed_it_again(site: Pub
     assert run.returncode == 0 and "publish is configured" in run.output, run.output
     assert site.mirror.get(f"/up/{INRELEASE}")[1] != (site.repo.root / INRELEASE).read_bytes()
     assert ("extra", "1.0-1") not in packages_of(gzip.decompress(site.served_index()))
+
+
+def test_release_fields_the_upstream_chose_carry_no_line_of_their_own_into_the_mirrors_release(
+    site: PublishSite,
+) -> None:
+    """Origin, Label, Suite, Codename, Version and Description are the upstream's words (signed by
+    its key, still its choice): a multi-line value must not add a field or a hash line to the
+    Release the mirror signs."""
+    lines = ["a view", " Valid-Until: Thu, 01 Jan 2099 00:00:00 UTC", " SHA256:", f" {'0' * 64} 1 evil/Packages"]
+    site.repo.publish(SUITE, [site.upstream_key], by_hash=False, extra_fields={"Description": "\n".join(lines)})
+    upstream = (site.repo.root / f"dists/{SUITE}/Release").read_text()
+    assert " Valid-Until: Thu, 01 Jan 2099" in upstream  # the upstream really signed those lines
+    assert site.mirror.sync().returncode == 0
+    site.mirror.start_server()
+    release = site.mirror.get(f"/up/dists/{SUITE}/Release")[1].decode()
+    assert "Description: a view\n" in release
+    assert "2099" not in release and "evil" not in release, release
+    assert sum(ln.startswith("Valid-Until:") for ln in release.splitlines()) == 1
