@@ -29,7 +29,6 @@ import gzip
 import hashlib
 import json
 import lzma
-import os
 import re
 import shutil
 from collections.abc import Callable
@@ -407,24 +406,23 @@ def resigned_copy(store: FileStore, up: UpstreamConfig, target: Manifest, now: d
     from aptguard.sync import SIGNED_NAMES, retained_by_hash
 
     ids = store.snapshot_ids(up.name)
-    dates = [target.published.date]
-    for snap_id in {ids[-1], store.current(up.name)} - {None, target.id}:
-        published = store.read_manifest(up.name, snap_id).published  # type: ignore[arg-type]
-        if published is not None:
-            dates.append(published.date)
+    current_id = store.current(up.name)
+    others = {i: store.read_manifest(up.name, i) for i in {ids[-1], current_id} - {None, target.id} if i}
+    dates = [target.published.date, *(m.published.date for m in others.values() if m.published)]
     date = max(
         now.astimezone(UTC).replace(microsecond=0), *(datetime.fromisoformat(d) + timedelta(seconds=1) for d in dates)
     )
     valid_until = date + timedelta(days=up.publish.valid_days)
     files = dict(target.files)
     written: dict[str, bytes] = {}
-    work = store.work_dir(up.name)  # in the data folder: adopt() renames from it
+    work = store.work_dir(up.name)  # the verifier's keyring of the mirror's keys
     try:
         with Signer(up.publish, now) as signer:
             for suite in target.suites:
                 base = verify.suite_base(suite)
-                with store.open_object(target.files[base + "Release"]["sha256"]) as raw:
-                    text = raw.read()  # a Release this mirror wrote and verified
+                release = target.files[base + "Release"]
+                with store.open_object(release["sha256"]) as raw:
+                    text = raw.read(release["size"])  # a Release this mirror wrote and verified
                 text = _DATE_LINE.sub(b"Date: " + verify.rfc_date(date).encode(), text, count=1)
                 text = _VALID_LINE.sub(b"Valid-Until: " + verify.rfc_date(valid_until).encode(), text, count=1)
                 inrelease, release_gpg = signer.clearsign(text), signer.detach(text)
@@ -433,19 +431,14 @@ def resigned_copy(store: FileStore, up: UpstreamConfig, target: Manifest, now: d
                     written[base + name] = data
                     files[base + name] = _record(data)
             keys = [TrustedKey(k.fingerprint, k.uid, iso(k.expires) if k.expires else None) for k in signer.keys]
-        for n, (path, data) in enumerate(sorted(written.items())):
-            tmp = work / f"file-{n}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-            store.adopt(tmp, files[path]["sha256"], mtime=date.timestamp())
+        for path, data in written.items():
+            store.put_bytes(data, files[path]["sha256"], mtime=date.timestamp())
     finally:
         shutil.rmtree(work, ignore_errors=True)
     own_by_hash = store.read_by_hash(up.name, target.id)
     if own_by_hash is None:
         own_by_hash = {p: target.files[p] for p in target.by_hash_own if p in target.files}
-    current_id = store.current(up.name)
-    current = store.read_manifest(up.name, current_id) if current_id else None
+    current = target if current_id == target.id else others.get(current_id) if current_id else None
     snap_id = new_snapshot_id(set(ids))
     builder = store.new_snapshot(up.name, snap_id, target)
     try:

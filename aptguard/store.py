@@ -185,13 +185,13 @@ class FileStore:
             dest.parent.mkdir(exist_ok=True)
             os.rename(tmp_file, dest)
 
-    def put_bytes(self, data: bytes, sha256: str) -> None:
-        """Store verified bytes as an object (safe from several threads)."""
+    def put_bytes(self, data: bytes, sha256: str, mtime: float | None = None) -> None:
+        """Store verified bytes as an object (safe from several threads); `mtime` as for adopt()."""
         if self._object(sha256).exists():
             return
         tmp_file = self._tmp / f"put-{os.getpid()}-{threading.get_ident()}-{sha256[:16]}"
         _write_new(tmp_file, data)
-        self.adopt(tmp_file, sha256)
+        self.adopt(tmp_file, sha256, mtime)
 
     def held(self, shas: Iterable[str]) -> set[str]:
         """Which of these objects are stored."""

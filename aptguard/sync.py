@@ -454,13 +454,9 @@ class _Sync:
                 others,
                 self.memo or verify.ParseMemo.from_json(self.store.read_cache(self.up.name, PARSE_MEMO)),
             )
-        for n, (path, (data, record)) in enumerate(sorted(view.files.items())):
+        for path, (data, record) in view.files.items():
             if data is not None:
-                tmp = work / f"file-{n}"
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
-                with os.fdopen(fd, "wb") as out:
-                    out.write(data)
-                self.store.adopt(tmp, record["sha256"], mtime=view.mtime)
+                self.store.put_bytes(data, record["sha256"], mtime=view.mtime)
                 view.files[path] = (None, record)  # stored: the bytes need not stay in memory
         keys = ", ".join(k.fingerprint for k in view.published.keys)
         self.log(f"{self.up.name}: published view of {view.published.packages} packages, signed by {keys}")
