@@ -90,6 +90,15 @@ STRACE = Path("/usr/bin/strace")
 # The system calls that make, remove or rename a directory entry (open only with O_CREAT).
 TRACED = "mkdir,mkdirat,link,linkat,symlink,symlinkat,rename,renameat,renameat2,unlink,unlinkat,rmdir,open,openat,creat"
 ENTRY_KINDS = ("mkdir", "link", "symlink", "rename", "unlink", "rmdir", "create")
+# KEEP: no tool's folder is removed before every timed run of every shape is over. ext4 (without
+# a journal, as on the machines here) does not reuse an inode deleted within the last 5 s, or 300 s
+# while its inode table block is dirty: each new inode is found by walking past every recently
+# deleted one (find_inode_bit -> recently_deleted). A cold sync right after another tool's folder
+# was removed paid for that removal: perf showed a quarter of all CPU samples there, and the
+# small shape's cold sync took 1.26-1.37 s after `rm -rf` of the last one against 0.92-1.07 s
+# without (aptly's update 0.87-1.06 s against 0.63-0.65 s; aptly creates more inodes, so it paid
+# more). The bench's disk use grows to the sum of every run's folders (about 12 GB with every
+# shape and tool) and is freed at the end.
 
 
 @dataclass
@@ -163,6 +172,11 @@ def run(cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path | None =
         with open(LOG, "a") as log:
             log.write(f"$ {' '.join(cmd)}\n# {seconds:.3f} s, {peak // 1024} MB\n{run.last_output}\n")  # type: ignore[attr-defined]
     return Measure(seconds, peak)
+
+
+def disk_use(folder: Path) -> str:
+    out = subprocess.run(["du", "-sh", str(folder)], capture_output=True, text=True).stdout.split()
+    return out[0] if out else "?"
 
 
 def steps(*cmds: Callable[[], Measure]) -> Measure:
@@ -664,7 +678,7 @@ def bench_shape(shape: str, runs: int, work: Path, tools: list[str], entries: bo
                 print(f"   run {r + 1}/{runs} {name:12s} " + "  ".join(
                     f"{p} {table.runs[(name, p)][-1].seconds:.2f}s/{table.runs[(name, p)][-1].rss_kb // 1024}MB"
                     for p in PHASES), flush=True)  # fmt: skip
-                shutil.rmtree(work / f"run{r}" / name, ignore_errors=True)
+                # Its folder stays until every shape has run (main() removes them all): see KEEP.
         # After the timed runs, so that the trace slows none of them down.
         if entries:
             changed, total = pool_diff(root_a, root_b)
@@ -677,7 +691,6 @@ def bench_shape(shape: str, runs: int, work: Path, tools: list[str], entries: bo
                 kinds, unattributed = tool.traced_incremental(work / "entries" / f"{name}.strace")
                 table.entries[name] = Entries(kinds, unattributed, changed, total)
                 print(f"   {table.entries[name].line(name)}", flush=True)
-                shutil.rmtree(work / "entries", ignore_errors=True)
     finally:
         nginx.stop()
     return table
@@ -815,7 +828,7 @@ def main() -> None:
             work = Path(tmp) / shape
             work.mkdir()
             tables.append(bench_shape(shape, args.runs, work, tools, args.entries))
-            shutil.rmtree(work, ignore_errors=True)
+        print(f"removing {tmp} ({disk_use(Path(tmp))})", flush=True)
     text = render(tables, args.runs)
     print()
     print(text)
