@@ -72,6 +72,13 @@ try:  # syncfs(2) flushes only the data folder's filesystem, not every disk of t
     _libc.syncfs.argtypes = [ctypes.c_int]
 except (OSError, AttributeError):
     _libc = None
+try:
+    _sync_file_range = _libc.sync_file_range if _libc is not None else None
+except AttributeError:
+    _sync_file_range = None
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_SYNC_FILE_RANGE_WRITE = 2
 
 # tmp/ entries made by syncs (under the shared collection lock) and by gc itself: with the
 # lock held exclusively, any of them belongs to a process that died.
@@ -920,13 +927,23 @@ def _pool_link(name: str, generation: str) -> str:
     return f"../../../pools/{name}/{generation}"
 
 
+def start_writeback(fd: int) -> None:
+    """Start writing what a file holds to disk, without waiting for it (sync_file_range with
+    SYNC_FILE_RANGE_WRITE, as git's core.fsyncMethod=batch): the one syncfs before a pointer
+    moves (FileStore.flush) then waits for what is still on its way, not for the whole sync's
+    data at once. A hint: where the call fails or is missing, flush() still writes it all."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+
+
 def _write_new(path: Path | str, data: bytes) -> None:
-    """Create a read-only file that did not exist, with `data`."""
+    """Create a read-only file that did not exist, with `data`, on its way to disk."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
+        start_writeback(fd)
     finally:
         os.close(fd)
 
