@@ -307,7 +307,7 @@ def aptguard_run(fig: Figures, r: int, work: Path, nginx: Nginx, keyring: Path, 
                 expect.setdefault(f"{label}-names", tool.view_packages())  # type: ignore[arg-type]
             except Exception as exc:  # noqa: BLE001 - a check, not a figure
                 fig.notes.append(f"could not read aptguard's {label} view: {exc}")
-        shutil.rmtree(tool.work, ignore_errors=True)
+        # Its folder stays until every run is over: see KEEP in sync_vs_aptly.py.
 
 
 def aptly_run(fig: Figures, r: int, work: Path, nginx: Nginx, keyring: Path, shape: Shape, key: MirrorKey,
@@ -353,7 +353,6 @@ def aptly_run(fig: Figures, r: int, work: Path, nginx: Nginx, keyring: Path, sha
     )
     if r == 0:
         expect["alf-packages"] = len(tool.view_packages("mirror100"))
-    shutil.rmtree(tool.work, ignore_errors=True)
 
 
 def render(fig: Figures, runs: int, shape: Shape, n_roots: int, expect: dict[str, object], as_is: bool) -> str:
@@ -458,7 +457,6 @@ def main() -> None:
                         aptguard_run(fig, r, work, nginx, keyring, shape, key, roots, expect)  # type: ignore[arg-type]
                     elif name == "aptly":
                         aptly_run(fig, r, work, nginx, keyring, shape, key, flags, roots, expect)
-                shutil.rmtree(work / f"run{r}", ignore_errors=True)
         finally:
             nginx.stop()
             atexit.unregister(nginx.stop)
