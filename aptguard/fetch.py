@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from aptguard.config import format_rate
 from aptguard.reasons import Rejected
-from aptguard.store import start_writeback
 
 if TYPE_CHECKING:
     import aiohttp
@@ -641,16 +640,13 @@ def _create(path: Path) -> BinaryIO:
 def _absorb(
     out: BinaryIO | None, path: Path, hashers: list[Any], chunks: list[bytes], *, close: bool = False
 ) -> BinaryIO:
-    """Write and hash received chunks in order, creating the file on the first call; what
-    was written is sent on its way to disk (the sync's one syncfs then has less to wait for)."""
+    """Write and hash received chunks in order, creating the file on the first call."""
     if out is None:
         out = _create(path)
     for chunk in chunks:
         out.write(chunk)
         for h in hashers:
             h.update(chunk)
-    out.flush()
-    start_writeback(out.fileno())
     if close:
         out.close()
     return out

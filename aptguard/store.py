@@ -179,11 +179,17 @@ class FileStore:
         """Move a verified download (a file of work_dir) into the objects, or drop it if stored.
 
         `tmp_file` was created read-only (mode 0444), as every stored object must be. `mtime`,
-        when given, becomes its modification time: what both servers send as Last-Modified."""
+        when given, becomes its modification time: what both servers send as Last-Modified.
+        Its write-back starts now (start_writeback)."""
         dest = self._object(sha256)
         if dest.exists():
             tmp_file.unlink(missing_ok=True)
             return
+        fd = os.open(tmp_file, os.O_RDONLY)
+        try:
+            start_writeback(fd)
+        finally:
+            os.close(fd)
         if mtime is not None:
             os.utime(tmp_file, (mtime, mtime))
         try:
