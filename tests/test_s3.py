@@ -309,14 +309,20 @@ def test_a_server_keeps_serving_what_it_holds_when_the_store_is_gone(tmp_path: P
         own.stop()
         with pytest.raises(OSError):
             urllib.request.urlopen(own.endpoint + "/", timeout=2)  # the store really is gone
-        time.sleep(3 * REFRESH + 1)  # refreshes fail meanwhile
+        # A refresh fails only after the client's retries (botocore's standard mode: 3 attempts,
+        # random backoff of up to 1 + 2 s): wait for the server to say so, then check it serves.
+        deadline = time.monotonic() + 30
+        while True:
+            status, body = server.get("/status")
+            assert status == 200
+            store = json.loads(body)["storage"]
+            if store["reachable"] is False or time.monotonic() > deadline:
+                break
+            time.sleep(REFRESH)
+        assert store["reachable"] is False and store["unreachable_since"], store
         assert _served_release(server) == release
         for path, body in files.items():
             assert server.get(f"/{NAME}/{path}") == (200, body), path
-        status, body = server.get("/status")
-        assert status == 200
-        store = json.loads(body)["storage"]
-        assert store["reachable"] is False and store["unreachable_since"], store
         status, metrics = server.get("/metrics")
         assert status == 200 and b"aptguard_store_reachable 0.0" in metrics
     finally:
