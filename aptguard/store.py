@@ -190,21 +190,16 @@ class FileStore:
             start_writeback(fd)
         finally:
             os.close(fd)
-        if mtime is not None:
-            os.utime(tmp_file, (mtime, mtime))
-        try:
-            os.rename(tmp_file, dest)
-        except FileNotFoundError:  # a data folder from before the fan-out folders were made up front
-            dest.parent.mkdir(exist_ok=True)
-            os.rename(tmp_file, dest)
+        _place(tmp_file, dest, mtime)
 
     def put_bytes(self, data: bytes, sha256: str, mtime: float | None = None) -> None:
         """Store verified bytes as an object (safe from several threads); `mtime` as for adopt()."""
-        if self._object(sha256).exists():
+        dest = self._object(sha256)
+        if dest.exists():
             return
         tmp_file = self._tmp / f"put-{os.getpid()}-{threading.get_ident()}-{sha256[:16]}"
-        _write_new(tmp_file, data)
-        self.adopt(tmp_file, sha256, mtime)
+        _write_new(tmp_file, data)  # its write-back started as it was written
+        _place(tmp_file, dest, mtime)
 
     def held(self, shas: Iterable[str]) -> set[str]:
         """Which of these objects are stored."""
@@ -940,6 +935,17 @@ def start_writeback(fd: int) -> None:
     data at once. A hint: where the call fails or is missing, flush() still writes it all."""
     if _sync_file_range is not None:
         _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+
+
+def _place(tmp_file: Path, dest: Path, mtime: float | None) -> None:
+    """A stored file becomes the object `dest`, with `mtime` as its modification time if given."""
+    if mtime is not None:
+        os.utime(tmp_file, (mtime, mtime))
+    try:
+        os.rename(tmp_file, dest)
+    except FileNotFoundError:  # a data folder from before the fan-out folders were made up front
+        dest.parent.mkdir(exist_ok=True)
+        os.rename(tmp_file, dest)
 
 
 def _write_new(path: Path | str, data: bytes) -> None:
